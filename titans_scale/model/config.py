@@ -1,0 +1,87 @@
+"""The model's hyper-parameters: one typed dataclass, checked before anything is built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MEMORY_MIXERS = ("mac", "mag", "mal", "lmm")
+ATTENTION_MIXERS = ("swa", "seg", "attn")   # memory-off baselines: sliding window, segments, full
+MIXERS = MEMORY_MIXERS + ATTENTION_MIXERS
+
+
+class ModelConfigError(ValueError):
+    """A bad model hyper-parameter; the message names the field and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 259                 # byte tokenizer: 256 bytes + bos/eos/pad
+    d_model: int = 256
+    n_heads: int = 4                      # attention heads
+    layers: list[str] = field(default_factory=lambda: ["swa", "mag", "swa", "mag"])
+    mlp_hidden: int = 0                   # SwiGLU width; 0 = 8/3 * d_model rounded up to 32
+    # neural memory (DESIGN.md section 3)
+    mem_heads: int = 0                    # 0 = n_heads
+    mem_depth: int = 2
+    mem_expansion: int = 4
+    chunk_size: int = 64
+    max_lr: float = 0.1                   # bound on the inner learning rate theta
+    conv_kernel: int = 4
+    # attention (DESIGN.md section 4)
+    window: int = 128                     # sliding window (swa, mag, mal), tokens seen incl. self
+    segment_len: int = 128                # mac / seg segment length, a multiple of chunk_size
+    n_persistent: int = 4
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        self.validate()
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def memory_heads(self) -> int:
+        return self.mem_heads or self.n_heads
+
+    @property
+    def memory_dim(self) -> int:
+        return self.d_model // self.memory_heads
+
+    @property
+    def ffn_hidden(self) -> int:
+        return self.mlp_hidden or 32 * -(-(8 * self.d_model // 3) // 32)
+
+    @property
+    def has_memory(self) -> bool:
+        return any(m in MEMORY_MIXERS for m in self.layers)
+
+    def validate(self) -> None:
+        def bad(field_name, msg):
+            raise ModelConfigError(f"model.{field_name}: {msg}")
+
+        for name in ("vocab_size", "d_model", "n_heads", "mem_depth", "mem_expansion", "chunk_size",
+                     "conv_kernel", "window", "segment_len"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                bad(name, f"must be a positive integer, got {getattr(self, name)!r}")
+        if self.d_model % self.n_heads:
+            bad("n_heads", f"n_heads={self.n_heads} must divide d_model={self.d_model}")
+        if self.d_model % self.memory_heads:
+            bad("mem_heads", f"mem_heads={self.memory_heads} must divide d_model={self.d_model}")
+        if self.head_dim % 2:
+            bad("n_heads", f"head_dim d_model/n_heads={self.head_dim} must be even for RoPE")
+        if not self.layers:
+            bad("layers", "needs at least one layer, e.g. [\"swa\", \"mag\"]")
+        for i, m in enumerate(self.layers):
+            if m not in MIXERS:
+                bad(f"layers[{i}]", f"unknown mixer {m!r}; choose from {', '.join(MIXERS)}")
+        if self.segment_len % self.chunk_size:
+            bad("segment_len", f"segment_len={self.segment_len} must be a multiple of "
+                f"chunk_size={self.chunk_size} (MAC reads the memory at segment starts)")
+        if not 0 < self.max_lr <= 1:
+            bad("max_lr", f"must be in (0, 1], got {self.max_lr} (the inner step must stay bounded)")
+        if self.n_persistent < 0:
+            bad("n_persistent", f"must be >= 0, got {self.n_persistent}")

@@ -1,0 +1,126 @@
+"""The neural long-term memory layer (DESIGN.md section 3; paper Sec. 3.1).
+
+Projections -> causal depthwise conv -> SiLU -> heads, q/k L2-normalised; data-dependent
+gates theta (inner lr), eta (momentum), alpha (forgetting); learned initial weights W^0;
+memory_scan does the test-time update; the output is W_O(norm(y) * sigmoid(x W_G)).
+Every projection's output is laid out head-major ([H, 3, d], [H, 3]) so tensor parallelism
+can split heads by slicing rows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from titans_scale.ops.memory import MemoryState, memory_scan
+from titans_scale.ops.mlp import mlp_forward
+from titans_scale.ops.state import state_dtype
+
+from .config import ModelConfig
+from .layers import CausalDepthwiseConv, RMSNorm
+
+
+@dataclass
+class MemoryLayerState:
+    memory: MemoryState
+    conv: torch.Tensor          # [B, kernel-1, 3*H*d] cache of the projections
+
+    def detach(self) -> "MemoryLayerState":
+        return MemoryLayerState(self.memory.detach(), self.conv.detach())
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+class NeuralMemory(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        D, H, d = cfg.d_model, cfg.memory_heads, cfg.memory_dim
+        self.d, self.chunk_size, self.max_lr = d, cfg.chunk_size, cfg.max_lr
+        self.impl = "auto"
+        self.qkv = nn.Linear(D, 3 * H * d, bias=False)
+        self.conv = CausalDepthwiseConv(3 * H * d, cfg.conv_kernel)
+        self.gates = nn.Linear(D, 3 * H)               # [H, (theta, eta, alpha)]
+        # W^0, shared across the batch (Eq. 12's initial memory). Deep memories start near the
+        # residual identity; a linear one starts at zero so it first returns nothing.
+        if cfg.mem_depth == 1:
+            shapes = [(d, d)]
+        else:
+            hid = cfg.mem_expansion * d
+            shapes = [(d, hid)] + [(hid, hid)] * (cfg.mem_depth - 2) + [(hid, d)]
+        self.init_weights = nn.ParameterList(
+            [nn.Parameter(torch.randn(H, i, o) / math.sqrt(i) * (0.0 if cfg.mem_depth == 1 else 1.0))
+             for i, o in shapes])
+        self.out_norm = RMSNorm(d, cfg.norm_eps)
+        self.out_gate = nn.Linear(D, H * d, bias=False)
+        self.out = nn.Linear(H * d, D, bias=False)
+        self.reset_gates(cfg.init_std)
+
+    @torch.no_grad()
+    def reset_gates(self, std: float) -> None:
+        """Gates start so the memory keeps what it stores for thousands of tokens (DESIGN.md 3):
+        alpha ~ e^-5 per token, eta ~ 0.9, theta = max_lr / 2."""
+        nn.init.normal_(self.gates.weight, std=std)
+        b = self.gates.bias.view(-1, 3)
+        b[:, 0], b[:, 1], b[:, 2] = 0.0, _logit(0.9), _logit(math.exp(-5))
+
+    # -- pieces, used alone by MAC --------------------------------------------------------
+    def project(self, x: torch.Tensor, cache: torch.Tensor | None, parts: int = 3):
+        """x [B, L, D] -> the first `parts` of (q, k, v) as [B, H, L, d] and the conv cache.
+        parts=1 computes q only (its rows of the projection and conv)."""
+        B, L, _ = x.shape
+        d = self.d
+        w, cw, cb = self.qkv.weight, self.conv.weight, self.conv.bias
+        if parts < 3:
+            H = w.shape[0] // (3 * d)
+            w = w.view(H, 3, d, -1)[:, :parts].reshape(H * parts * d, -1)
+            cw = cw.view(H, 3, d, -1)[:, :parts].reshape(H * parts * d, -1)
+            cb = cb.view(H, 3, d)[:, :parts].reshape(-1)
+        h, cache = self.conv(F.linear(x, w), cache, cw, cb)
+        h = F.silu(h).view(B, L, -1, parts, d).permute(3, 0, 2, 1, 4)   # [parts, B, H, L, d]
+        out = [F.normalize(h[0], dim=-1)]
+        if parts > 1:
+            out.append(F.normalize(h[1], dim=-1))
+        if parts > 2:
+            out.append(h[2])
+        return out, cache
+
+    def gate_values(self, x: torch.Tensor):
+        g = self.gates(x)
+        g = torch.sigmoid(g.to(state_dtype(g)))              # [B, L, H*3], fp32 or wider
+        g = g.view(*x.shape[:2], -1, 3).permute(3, 0, 2, 1)  # [3, B, H, L]
+        return self.max_lr * g[0], g[1], g[2]
+
+    def initial_state(self, batch: int, device=None) -> MemoryLayerState:
+        w0 = [w.to(state_dtype(w)).unsqueeze(0).expand(batch, *w.shape) for w in self.init_weights]
+        conv = torch.zeros(batch, self.conv.kernel - 1, self.qkv.weight.shape[0],
+                           device=device or w0[0].device, dtype=self.qkv.weight.dtype)
+        return MemoryLayerState(MemoryState.fresh(w0, self.chunk_size), conv)
+
+    def read(self, weights: list[torch.Tensor], q: torch.Tensor) -> torch.Tensor:
+        """f_W(q) without an update (the retrieval M*(q) of Eq. 15), in the state's precision."""
+        return mlp_forward(weights, q.to(weights[0].dtype))
+
+    def output(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """W_O(norm(y) * sigmoid(x W_G)); y: [B, H, L, d] retrieved, x: [B, L, D] gate input."""
+        B, H, L, d = y.shape
+        y = self.out_norm(y.to(x.dtype)).transpose(1, 2).reshape(B, L, H * d)
+        return self.out(y * torch.sigmoid(self.out_gate(x)))
+
+    def scan(self, x: torch.Tensor, state: MemoryLayerState):
+        """Read and update the memory with x [B, L, D]; returns retrieved y [B, H, L, d]."""
+        (q, k, v), conv = self.project(x, state.conv)
+        theta, eta, alpha = self.gate_values(x)
+        y, mem = memory_scan(q, k, v, theta, eta, alpha, state.memory, self.chunk_size, self.impl)
+        return y, MemoryLayerState(mem, conv)
+
+    def forward(self, x: torch.Tensor, state: MemoryLayerState | None = None):
+        if state is None:
+            state = self.initial_state(x.shape[0], x.device)
+        y, state = self.scan(x, state)
+        return self.output(y, x), state

@@ -1,0 +1,152 @@
+"""The token mixers of a Titans block (DESIGN.md section 4; paper Sec. 4).
+
+Every mixer maps (x, state, pos0) -> (out, state): x [B, L, D] are normalised inputs whose
+first token sits at absolute position pos0; the state lets a long document be fed in pieces
+and give exactly the outputs of one call. Attention states keep the raw inputs still in
+view (the window's tail or the current partial segment) and recompute from them: exact,
+and simple enough to trust.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .attention import Attention
+from .config import ModelConfig
+from .layers import RMSNorm
+from .memory import MemoryLayerState, NeuralMemory
+
+
+def _tail(state, x):
+    return x[:, :0] if state is None else state
+
+
+def _attention(cfg: ModelConfig) -> Attention:
+    return Attention(cfg.d_model, cfg.n_heads, cfg.n_persistent, cfg.rope_base, cfg.init_std)
+
+
+class SlidingWindow(nn.Module):
+    """swa: sliding-window causal attention with a persistent-token prefix."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn, self.window = _attention(cfg), cfg.window
+
+    def forward(self, x, state, pos0):
+        xx = torch.cat([_tail(state, x), x], dim=1)
+        out = self.attn.sliding(xx, pos0 + x.shape[1] - xx.shape[1], x.shape[1], self.window)
+        return out, xx[:, max(0, xx.shape[1] - (self.window - 1)):]
+
+
+class FullAttention(nn.Module):
+    """attn: plain causal attention over everything so far (the dense Transformer baseline)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn = _attention(cfg)
+
+    def forward(self, x, state, pos0):
+        xx = torch.cat([_tail(state, x), x], dim=1)
+        return self.attn.causal(xx, pos0 + x.shape[1] - xx.shape[1], x.shape[1]), xx
+
+
+class SegmentAttention(nn.Module):
+    """seg: causal attention inside fixed segments (MAC with its memory switched off)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn, self.segment = _attention(cfg), cfg.segment_len
+
+    def forward(self, x, state, pos0):
+        xx = torch.cat([_tail(state, x), x], dim=1)       # starts on a segment boundary
+        out = self.attn.segments(xx, pos0 + x.shape[1] - xx.shape[1], self.segment)
+        return out[:, -x.shape[1]:], xx[:, xx.shape[1] - xx.shape[1] % self.segment:]
+
+
+class LMM(nn.Module):
+    """lmm: the memory alone, out = W_O(norm(y) * sigmoid(x W_G))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.memory = NeuralMemory(cfg)
+
+    def forward(self, x, state, pos0):
+        return self.memory(x, state)
+
+
+@dataclass
+class MAGState:
+    tail: torch.Tensor
+    memory: MemoryLayerState
+
+
+class MAG(nn.Module):
+    """mag: o = norm(SWA(x)) * sigmoid(norm(M(x)))  (paper Eqs. 26-28)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.swa = SlidingWindow(cfg)
+        self.memory = NeuralMemory(cfg)
+        self.norm_y, self.norm_m = RMSNorm(cfg.d_model, cfg.norm_eps), RMSNorm(cfg.d_model, cfg.norm_eps)
+
+    def forward(self, x, state, pos0):
+        y, tail = self.swa(x, state and state.tail, pos0)
+        m, mem = self.memory(x, state and state.memory)
+        return self.norm_y(y) * torch.sigmoid(self.norm_m(m)), MAGState(tail, mem)
+
+
+class MAL(nn.Module):
+    """mal: the memory as a layer, then sliding-window attention on its output (Eqs. 29-31)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.memory = NeuralMemory(cfg)
+        self.swa = SlidingWindow(cfg)
+
+    def forward(self, x, state, pos0):
+        m, mem = self.memory(x, state and state.memory)
+        y, tail = self.swa(m, state and state.tail, pos0)
+        return y, MAGState(tail, mem)
+
+
+@dataclass
+class MACState:
+    memory: MemoryLayerState       # memory (and conv of the y stream) at the current segment's start
+    conv_x: torch.Tensor | None    # conv cache of the x stream (queries for h) at that start
+    tail: torch.Tensor             # inputs of the current, unfinished segment
+
+
+class MAC(nn.Module):
+    """mac: memory as context (paper Eqs. 21-25). Per segment s:
+    h = f_{W before s}(q(x_s)); y = Attn([persistent || h || x_s]);
+    the memory is updated with y chunk by chunk and read back: o = y * M(y)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn, self.segment = _attention(cfg), cfg.segment_len
+        self.memory = NeuralMemory(cfg)
+
+    def forward(self, x, state, pos0):
+        if state is None:
+            state = MACState(self.memory.initial_state(x.shape[0], x.device), None, x[:, :0])
+        xx = torch.cat([state.tail, x], dim=1)
+        start = pos0 + x.shape[1] - xx.shape[1]
+        mem, conv_x, outs = state.memory, state.conv_x, []
+        for s0 in range(0, xx.shape[1], self.segment):
+            xs = xx[:, s0:s0 + self.segment]
+            (q,), conv_x_next = self.memory.project(xs, conv_x, parts=1)
+            h = self.memory.output(self.memory.read(mem.memory.chunk_start, q), xs)  # Eq. 21
+            y = self.attn.segments(xs, start + s0, self.segment, h)                      # Eqs. 22-23
+            m, mem_next = self.memory.scan(y, mem)                                        # Eq. 24
+            outs.append(y * self.memory.output(m, y))                                     # Eq. 25
+            if xs.shape[1] == self.segment:       # a finished segment moves the state on
+                mem, conv_x = mem_next, conv_x_next
+        tail = xx[:, xx.shape[1] - xx.shape[1] % self.segment:]
+        return torch.cat(outs, dim=1)[:, -x.shape[1]:], MACState(mem, conv_x, tail)
+
+
+MIXER_CLASSES = {"swa": SlidingWindow, "attn": FullAttention, "seg": SegmentAttention,
+                 "lmm": LMM, "mag": MAG, "mal": MAL, "mac": MAC}

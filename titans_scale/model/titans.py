@@ -1,0 +1,78 @@
+"""TitansLM: a stack of pre-norm residual blocks whose mixers the config's layer pattern picks.
+
+    x += mixer(RMSNorm(x));  x += SwiGLU(RMSNorm(x))          (DESIGN.md section 4)
+
+forward(tokens, state) -> (logits, state): pass the returned state back with the next piece
+of a document and the outputs equal one call on the whole document.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from .config import ModelConfig
+from .layers import RMSNorm, SwiGLU
+from .mixers import MIXER_CLASSES
+
+
+@dataclass
+class ModelState:
+    position: int = 0                                  # tokens consumed so far
+    layers: list = field(default_factory=list)         # one mixer state per layer
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, mixer: str):
+        super().__init__()
+        self.kind = mixer
+        self.norm_mix = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mixer = MIXER_CLASSES[mixer](cfg)
+        self.norm_ffn = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = SwiGLU(cfg.d_model, cfg.ffn_hidden)
+
+    def forward(self, x, state, pos0):
+        h, state = self.mixer(self.norm_mix(x), state, pos0)
+        x = x + h
+        return x + self.ffn(self.norm_ffn(x)), state
+
+
+class TitansLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList([Block(cfg, m) for m in cfg.layers])
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if name.endswith(("qkv.weight", "w_gate.weight", "w_up.weight", "out_gate.weight", "embed.weight",
+                              "head.weight")):
+                nn.init.normal_(p, std=std)
+            elif name.endswith(("out.weight", "w_down.weight")):     # residual outputs, GPT-2 style
+                nn.init.normal_(p, std=std / (2 * len(self.blocks)) ** 0.5)
+
+    def forward(self, tokens: torch.Tensor, state: ModelState | None = None):
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be [batch, length] token ids, got shape {tuple(tokens.shape)}")
+        state = state or ModelState(0, [None] * len(self.blocks))
+        x = self.embed(tokens)
+        new_layers = []
+        for block, st in zip(self.blocks, state.layers):
+            x, st = block(x, st, state.position)
+            new_layers.append(st)
+        x = self.norm(x)
+        logits = x @ self.embed.weight.t() if self.head is None else self.head(x)
+        return logits, ModelState(state.position + tokens.shape[1], new_layers)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed.weight.numel() if non_embedding else n
