@@ -8,7 +8,7 @@ $(BIN)/titans-scale: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# DS_BUILD_OPS=0: DeepSpeed JIT-builds only what it uses; torch pinned in pyproject.
-	DS_BUILD_OPS=0 $(BIN)/pip install -q -e ".[dev,plot]"
+	DS_BUILD_OPS=0 $(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
 setup: $(BIN)/titans-scale

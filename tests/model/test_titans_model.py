@@ -108,13 +108,15 @@ def test_bad_config_names_the_field(kw, field):
 
 
 def test_gate_initialisation_keeps_memory_long():
-    """DESIGN.md 3: at init alpha ~ e^-5, eta ~ 0.9, theta <= max_lr; so ~ 1/e of a stored value
-    survives 150 tokens of forgetting alone, not 1e-11 after a few chunks."""
+    """DESIGN.md 3: at init the memory keeps most of what it stores over thousands of tokens
+    and the inner step is bounded, so a 1k-token sequence neither forgets nor blows up."""
     model = tiny_model("lmm")
     mem = model.blocks[0].mixer.memory
     with torch.no_grad():
-        theta, eta, alpha = (g.mean().item() if i else g for i, g in enumerate(
-            mem.gate_values(torch.randn(1, 64, 32, dtype=torch.float64) * 0.1)))
-    assert alpha == pytest.approx(0.0067, rel=0.3)
-    assert eta == pytest.approx(0.9, abs=0.03)
+        theta, eta, alpha = mem.gate_values(torch.randn(1, 64, 32, dtype=torch.float64) * 0.1)
+    assert (1 - alpha).log().sum(-1).mean().mul(2048 / 64).exp() > 0.5     # kept after 2048 tokens
+    assert eta.mean().item() == pytest.approx(0.9, abs=0.03)
     assert theta.max() <= mem.max_lr
+    with torch.no_grad():                     # correlated inputs (repeated tokens) stay finite
+        out, state = model(torch.full((1, 1024), 7))
+    assert torch.isfinite(out).all() and all(w.abs().max() < 1e3 for w in state.layers[0].memory.weights)

@@ -1,0 +1,9 @@
+"""Data: tokenizers, the embedded corpus, token shards, the resumable loader, recall tasks."""
+
+from titans_scale.data.loader import TokenLoader
+from titans_scale.data.shards import ShardIndex, open_shards, prepare_corpus
+from titans_scale.data.synthetic import RecallSample, mqar_sample, needle_sample, recall_batch
+from titans_scale.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
+
+__all__ = ["ByteTokenizer", "HFTokenizer", "load_tokenizer", "prepare_corpus", "open_shards", "ShardIndex",
+           "TokenLoader", "RecallSample", "needle_sample", "mqar_sample", "recall_batch"]

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from titans_scale.errors import ConfigError
+
 MEMORY_MIXERS = ("mac", "mag", "mal", "lmm")
 ATTENTION_MIXERS = ("swa", "seg", "attn")   # memory-off baselines: sliding window, segments, full
 MIXERS = MEMORY_MIXERS + ATTENTION_MIXERS
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(ConfigError):
     """A bad model hyper-parameter; the message names the field and the fix."""
 
 
@@ -25,7 +27,7 @@ class ModelConfig:
     mem_depth: int = 2
     mem_expansion: int = 4
     chunk_size: int = 64
-    max_lr: float = 0.1                   # bound on the inner learning rate theta
+    max_lr: float = 0.01                  # bound on the inner learning rate theta
     conv_kernel: int = 4
     # attention (DESIGN.md section 4)
     window: int = 128                     # sliding window (swa, mag, mal), tokens seen incl. self

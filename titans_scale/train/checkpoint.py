@@ -1,0 +1,158 @@
+"""Atomic checkpoints: model + optimizer (torch.distributed.checkpoint, reshardable), and the
+trainer's own state (step, scheduler, data position, RNG) as plain tensors and numbers.
+
+Layout:  <run_dir>/checkpoints/step_00000100/{model_optim/ (DCP), trainer.pt, manifest.json}
+         <run_dir>/checkpoints/latest            (name of the newest complete checkpoint)
+
+A checkpoint is written into a temporary folder, its manifest (file sizes and SHA-256) last,
+then renamed into place, and only then does `latest` move (os.replace). A crash at any
+moment leaves the previous checkpoint and `latest` untouched; loading verifies the manifest,
+so a truncated or altered file is refused with a clear message. Everything is read with
+weights_only=True: a checkpoint carrying pickled objects is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import warnings
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from titans_scale.errors import CheckpointError
+
+FORMAT_VERSION = 1
+# One process without a process group is a supported layout, not a mistake worth a warning.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+LATEST = "latest"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _kill_point(name: str, step: int) -> None:
+    """Test hook: TITANS_TEST_KILL_AT=<name>:<step> makes the process SIGKILL itself here, so
+    tests can prove that a crash mid-write never damages the last good checkpoint."""
+    if os.environ.get("TITANS_TEST_KILL_AT") == f"{name}:{step}":
+        os.kill(os.getpid(), 9)
+
+
+def write_manifest(folder: Path) -> None:
+    files = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "manifest.json"}
+    tmp = folder / "manifest.json.tmp"
+    tmp.write_text(json.dumps({"format_version": FORMAT_VERSION, "files": files}, indent=1))
+    os.replace(tmp, folder / "manifest.json")
+
+
+def verify_manifest(folder: Path) -> None:
+    man = folder / "manifest.json"
+    if not man.is_file():
+        raise CheckpointError(f"checkpoint '{folder}' has no manifest.json: it was never completed; "
+                              "resume from an earlier checkpoint or start afresh")
+    try:
+        files = json.loads(man.read_text())["files"]
+    except (ValueError, KeyError):
+        raise CheckpointError(f"checkpoint '{folder}': manifest.json is corrupt") from None
+    for rel, meta in files.items():
+        p = folder / rel
+        if not p.is_file():
+            raise CheckpointError(f"checkpoint '{folder}' is missing '{rel}'")
+        if p.stat().st_size != meta["bytes"]:
+            raise CheckpointError(f"checkpoint '{folder}': '{rel}' is truncated "
+                                  f"({p.stat().st_size} of {meta['bytes']} bytes)")
+        if _sha256(p) != meta["sha256"]:
+            raise CheckpointError(f"checkpoint '{folder}': '{rel}' does not match its checksum (corrupt)")
+
+
+class CheckpointManager:
+    def __init__(self, run_dir: str | Path, keep: int = 2):
+        self.dir = Path(run_dir) / "checkpoints"
+        self.keep = keep
+
+    def latest(self) -> Path | None:
+        f = self.dir / LATEST
+        if not f.is_file():
+            return None
+        name = f.read_text().strip()
+        if not name or "/" in name or not (self.dir / name).is_dir():
+            raise CheckpointError(f"'{f}' names '{name}', which is not a checkpoint folder; "
+                                  "point it at an existing step_* folder or delete it to start afresh")
+        return self.dir / name
+
+    def save(self, step: int, model, optimizer, trainer_state: dict) -> Path:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        name = f"step_{step:08d}"
+        final, tmp = self.dir / name, self.dir / f".{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        msd, osd = get_state_dict(model, optimizer)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "model_optim"))
+        _kill_point("save_mid", step)
+        torch.save(trainer_state, tmp / "trainer.pt")
+        write_manifest(tmp)
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _kill_point("save_before_latest", step)
+        pointer = self.dir / f".{LATEST}.tmp"
+        pointer.write_text(name)
+        os.replace(pointer, self.dir / LATEST)
+        _fsync_dir(self.dir)
+        self._prune(keep_name=name)
+        return final
+
+    def _prune(self, keep_name: str) -> None:
+        done = sorted(p for p in self.dir.glob("step_*") if p.is_dir())
+        for p in done[:-self.keep]:
+            if p.name != keep_name:
+                shutil.rmtree(p, ignore_errors=True)
+        for p in self.dir.glob(".step_*.tmp"):       # leftovers of a crash mid-write
+            shutil.rmtree(p, ignore_errors=True)
+
+    def load(self, folder: Path, model, optimizer) -> dict:
+        verify_manifest(folder)
+        msd, osd = get_state_dict(model, optimizer)
+        state = {"model": msd, "optim": osd}
+        try:
+            dcp.load(state, checkpoint_id=str(folder / "model_optim"))
+        except Exception as e:  # DCP raises deep errors for shape or key mismatches
+            raise CheckpointError(f"checkpoint '{folder}' does not fit this model/optimizer: "
+                                  f"{str(e).splitlines()[0][:300]}") from None
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        try:
+            return torch.load(folder / "trainer.pt", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"checkpoint '{folder}/trainer.pt' cannot be read safely "
+                                  f"(weights_only): {str(e).splitlines()[0][:200]}") from None
+
+    def load_model(self, folder: Path, model) -> None:
+        """Weights only (eval, generate, export): the optimizer state is not read."""
+        verify_manifest(folder)
+        state = {"model": model.state_dict()}
+        try:
+            dcp.load(state, checkpoint_id=str(folder / "model_optim"))
+        except Exception as e:
+            raise CheckpointError(f"checkpoint '{folder}' does not fit this model: "
+                                  f"{str(e).splitlines()[0][:300]}") from None
+        model.load_state_dict(state["model"])

@@ -1,0 +1,39 @@
+"""AdamW with decoupled weight decay on matrices only, and warmup + cosine decay."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from titans_scale.config import OptimConfig
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay 2-D+ projection weights; not norms, biases, gates' biases, embeddings or W^0
+    (the memory's initial weights are a state, not a projection)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        keep = p.dim() < 2 or "init_weights" in name or name.endswith("embed.weight") or "persistent" in name
+        (no_decay if keep else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                             betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=True)
+
+
+def lr_lambda(cfg: OptimConfig, total_steps: int):
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        t = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+    return f
+
+
+def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps))
