@@ -34,6 +34,7 @@ def load_trained(run_dir: str, overrides=()):
     from titans_scale.config import load_run_config
     from titans_scale.errors import CheckpointError
     from titans_scale.model import TitansLM
+    from titans_scale.precision.apply import Precision
     from titans_scale.train.checkpoint import CheckpointManager
 
     cfg_path = Path(run_dir) / "config.toml"
@@ -41,6 +42,7 @@ def load_trained(run_dir: str, overrides=()):
         raise CheckpointError(f"--run-dir '{run_dir}' has no config.toml: is it a training run folder?")
     cfg = load_run_config(str(cfg_path), overrides)
     model = TitansLM(cfg.model)
+    model.precision = Precision(model, cfg)          # FP8 layers (and their scales) before loading
     ckpt = CheckpointManager(run_dir)
     folder = ckpt.latest()
     if folder is None:
@@ -58,7 +60,7 @@ def _cmd_eval(args) -> int:
     cfg, model = load_trained(args.run_dir, args.overrides)
     out: dict = {}
     if args.suite in ("loss", "all"):
-        loss = evaluate_loss(model, RunData(cfg).val_loader(args.batches), cfg.train.precision)
+        loss = evaluate_loss(model, RunData(cfg).val_loader(args.batches), model.precision.autocast)
         out["val_loss"], out["val_ppl"] = loss, perplexity(loss)
     tok = load_tokenizer(cfg.data.tokenizer)
     lengths = [int(x) for x in args.lengths.split(",")]

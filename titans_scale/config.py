@@ -53,6 +53,18 @@ class TrainConfig:
 
 
 @dataclass
+class Fp8Config:
+    """FP8 recipe for train.precision = "fp8" (Transformer Engine's DelayedScaling fields)."""
+    backend: str = "auto"             # auto (TE where it runs, else emulated) | te | emulated
+    format: str = "hybrid"            # hybrid (e4m3 forward, e5m2 gradients) | e4m3
+    scaling: str = "delayed"          # delayed | current
+    amax_history_len: int = 1024
+    amax_compute_algo: str = "max"    # max | most_recent
+    margin: int = 0
+    include_head: bool = False        # the output head stays high precision unless asked
+
+
+@dataclass
 class ParallelConfig:
     tp: int = 1
     pp: int = 1
@@ -71,6 +83,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    fp8: Fp8Config = field(default_factory=Fp8Config)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def validate(self) -> "RunConfig":

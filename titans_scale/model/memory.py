@@ -79,13 +79,15 @@ class NeuralMemory(nn.Module):
         parts=1 computes q only (its rows of the projection and conv)."""
         B, L, _ = x.shape
         d = self.d
-        w, cw, cb = self.qkv.weight, self.conv.weight, self.conv.bias
-        if parts < 3:
+        if parts == 3:            # through the module, so FP8 / TP layer swaps apply
+            h, cache = self.conv(self.qkv(x), cache)
+        else:                     # MAC's q-only read: the q rows of the projection and conv
+            w, cw, cb = self.qkv.weight, self.conv.weight, self.conv.bias
             H = w.shape[0] // (3 * d)
             w = w.view(H, 3, d, -1)[:, :parts].reshape(H * parts * d, -1)
             cw = cw.view(H, 3, d, -1)[:, :parts].reshape(H * parts * d, -1)
             cb = cb.view(H, 3, d)[:, :parts].reshape(-1)
-        h, cache = self.conv(F.linear(x, w), cache, cw, cb)
+            h, cache = self.conv(F.linear(x, w), cache, cw, cb)
         h = F.silu(h).view(B, L, -1, parts, d).permute(3, 0, 2, 1, 4)   # [parts, B, H, L, d]
         out = [F.normalize(h[0], dim=-1)]
         if parts > 1:

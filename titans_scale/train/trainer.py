@@ -20,6 +20,7 @@ from titans_scale.config_io import dump_toml
 from titans_scale.errors import TitansError
 from titans_scale.flops import model_flops_per_token
 from titans_scale.model import TitansLM
+from titans_scale.precision.apply import Precision
 from titans_scale.train.checkpoint import CheckpointManager
 from titans_scale.train.data import RunData
 from titans_scale.train.hardware import measured_matmul_flops, peak_rss_bytes
@@ -33,23 +34,17 @@ class TrainingStopped(TitansError):
     """The run stopped on purpose (too many non-finite steps); the last good checkpoint is intact."""
 
 
-def autocast_for(precision: str):
-    if precision == "bf16":
-        return torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
 @torch.no_grad()
-def evaluate_loss(model, batches, precision: str = "fp32") -> float:
+def evaluate_loss(model, batches, autocast=contextlib.nullcontext) -> float:
     was = model.training
     model.eval()
     total = 0.0
     for inputs, targets in batches:
-        with autocast_for(precision):
+        with autocast():
             logits, _ = model(inputs)
         total += lm_loss(logits, targets).item()
     model.train(was)
@@ -94,9 +89,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.data = RunData(cfg)
         self.model = TitansLM(cfg.model)
-        if t.precision == "fp8":
-            from titans_scale.precision.apply import apply_fp8   # noqa: PLC0415  (optional path)
-            apply_fp8(self.model, cfg)
+        self.precision = Precision(self.model, cfg)      # before the optimizer: TE makes new params
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, t.steps)
         self.ckpt = CheckpointManager(self.run_dir, keep=t.keep_checkpoints)
@@ -134,7 +127,7 @@ class Trainer:
 
     # -- one step ---------------------------------------------------------------------------
     def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
-        with autocast_for(self.cfg.train.precision):
+        with self.precision.autocast():
             logits, _ = self.model(inputs)
         loss = lm_loss(logits, targets)
         if torch.isfinite(loss):
@@ -192,7 +185,7 @@ class Trainer:
                 _update(bar, self.step, last)
                 window_t, window_tokens = time.perf_counter(), 0
             if self.step % t.eval_every == 0 or self.step == t.steps:
-                vl = evaluate_loss(self.model, self.val_batches, t.precision)
+                vl = evaluate_loss(self.model, self.val_batches, self.precision.autocast)
                 last["val_loss"] = vl
                 self.metrics.log("eval", self.step, val_loss=vl, val_ppl=math.exp(min(vl, 50)))
             if guard.received is not None:

@@ -1,0 +1,113 @@
+"""Memory op and memory layer, forward + backward: chunked vs naive, 1k to 64k tokens.
+
+Reference shape (issue 2): d_model 256 = 4 heads x 64, depth-2 memory with expansion 4,
+chunk 64, batch 1, fp32, 2 threads. Each point runs in a fresh process (peak RSS is its
+own). MFU = counted matmul FLOPs / time / the fp32 matmul rate measured in the same run.
+
+    python bench/bench_memory.py [--lengths 1024,4096,16384,65536] [--naive-max 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import machine, peak_rss_mb, run_child, table, timed, write  # noqa: E402
+
+SHAPE = dict(d_model=256, n_heads=4, mem_depth=2, mem_expansion=4, chunk_size=64)
+
+
+def layer_flops_per_token(cfg) -> tuple[float, float]:
+    """(op, layer) forward+backward FLOPs per token: 3x the forward matmul FLOPs."""
+    from titans_scale.flops import memory_update_flops_per_token
+    D, Hd, H = cfg.d_model, cfg.memory_heads * cfg.memory_dim, cfg.memory_heads
+    op = memory_update_flops_per_token(cfg)
+    proj = 2 * D * 3 * Hd + 2 * D * 3 * H + 2 * D * Hd + 2 * Hd * D
+    return 3 * op, 3 * (op + proj)
+
+
+def child(args: dict) -> dict:
+    import torch
+
+    from titans_scale.model import ModelConfig
+    from titans_scale.model.memory import NeuralMemory
+    from titans_scale.ops.memory import memory_scan
+    from titans_scale.train.hardware import measured_matmul_flops
+
+    torch.set_num_threads(args["threads"])
+    torch.manual_seed(0)
+    cfg = ModelConfig(**SHAPE)
+    L, what, impl = args["length"], args["what"], args["impl"]
+    layer = NeuralMemory(cfg)
+    layer.impl = impl
+    x = torch.randn(1, L, cfg.d_model, requires_grad=True)
+    if what == "layer":
+        def step():
+            out, _ = layer(x)
+            out.sum().backward()
+    else:
+        with torch.no_grad():
+            (q, k, v), _ = layer.project(x, None)
+            theta, eta, alpha = layer.gate_values(x)
+            init = [w.unsqueeze(0).clone() for w in layer.init_weights]
+        leaves = [t.detach().requires_grad_(True) for t in (q, k, v, theta, eta, alpha)]
+        w0 = [w.requires_grad_(True) for w in init]
+
+        def step():
+            y, _ = memory_scan(*leaves, w0, chunk_size=cfg.chunk_size, impl=impl)
+            y.sum().backward()
+    repeats = 1 if impl == "naive" or L >= 32768 else 3
+    sec = timed(step, repeats, warmup=0 if impl == "naive" else 1)
+    op_f, layer_f = layer_flops_per_token(cfg)
+    flops = (layer_f if what == "layer" else op_f) * L
+    rate = measured_matmul_flops(torch.float32, n=1024)
+    return {**args, "seconds": sec, "tokens_per_s": L / sec, "peak_rss_mb": peak_rss_mb(),
+            "gflops": flops / 1e9, "achieved_gflops_s": flops / sec / 1e9, "matmul_gflops_s": rate / 1e9,
+            "mfu": flops / sec / rate}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lengths", default="1024,4096,16384,65536")
+    ap.add_argument("--naive-max", type=int, default=1024)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--child")
+    a = ap.parse_args()
+    if a.child:
+        print(json.dumps(child(json.loads(a.child))))
+        return
+    rows = []
+    for what in ("op", "layer"):
+        for L in map(int, a.lengths.split(",")):
+            for impl in ("chunked", "naive"):
+                if impl == "naive" and L > a.naive_max:
+                    continue
+                r = run_child(__file__, {"what": what, "impl": impl, "length": L, "threads": a.threads},
+                              a.timeout)
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+    growth = {}
+    for what in ("op", "layer"):
+        pts = {r["length"]: r["seconds"] for r in rows if r["what"] == what and r["impl"] == "chunked" and "seconds" in r}
+        if 4096 in pts and 65536 in pts:
+            growth[what] = math.log(pts[65536] / pts[4096]) / math.log(16)
+    print()
+    print(table(rows, [("what", "what", ""), ("impl", "impl", ""), ("length", "tokens", "{:,}"),
+                       ("tokens_per_s", "tokens/s", "{:,.0f}"), ("seconds", "s/step", "{:.3f}"),
+                       ("peak_rss_mb", "peak RSS MB", "{:,.0f}"), ("achieved_gflops_s", "GFLOP/s", "{:.1f}"),
+                       ("mfu", "MFU", "{:.1%}"), ("error", "error", "")]))
+    for what, g in growth.items():
+        print(f"{what}: time grows as L^{g:.3f} from 4k to 64k")
+    path = write("bench_memory", {"machine": machine(), "shape": SHAPE, "rows": rows, "growth_exponent": growth})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

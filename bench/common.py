@@ -1,0 +1,74 @@
+"""Shared by the benchmarks: run one measurement per fresh subprocess (so peak RSS is that
+measurement's own), collect JSON, print a table, write bench/results/<name>.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def run_child(script: str, args: dict, timeout: float) -> dict:
+    """Run `python script --child JSON`; the child prints one JSON line last."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.get("threads", 2))}
+    try:
+        r = subprocess.run([sys.executable, script, "--child", json.dumps(args)], capture_output=True,
+                           text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {**args, "error": f"timeout after {timeout:.0f}s"}
+    if r.returncode != 0:
+        return {**args, "error": (r.stderr.strip().splitlines() or ["failed"])[-1][:200]}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def peak_rss_mb() -> float:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def timed(fn, repeats: int, warmup: int = 1) -> float:
+    """Median wall seconds of fn() over `repeats` runs after `warmup` runs."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    ts.sort()
+    return ts[len(ts) // 2]
+
+
+def machine() -> dict:
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = None
+    return {"python": platform.python_version(), "cpus": os.cpu_count(), "load_avg_1m": load,
+            "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
+    """cols: (key, header, format). Missing values print as '-'."""
+    head = " | ".join(h for _, h, _ in cols)
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        cells = []
+        for k, _, f in cols:
+            v = r.get(k)
+            cells.append("-" if v is None else (f.format(v) if f else str(v)))
+        lines.append(" | ".join(cells))
+    return "\n".join(lines)
+
+
+def write(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    p = RESULTS / f"{name}.json"
+    p.write_text(json.dumps(payload, indent=1))
+    return p
