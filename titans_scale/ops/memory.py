@@ -1,40 +1,81 @@
 """memory_scan: the public memory op and its dispatcher (naive | chunked | triton).
 
-    y, state = memory_scan(q, k, v, theta, eta, alpha, init, chunk_size=64, impl="auto")
+    y, state = memory_scan(q, k, v, theta, eta, alpha, init, chunk_size=64, impl="auto",
+                           recompute_group=None)
 
 q, k: [B, H, L, d]; v: [B, H, L, d_out]; theta, eta, alpha: [B, H, L];
 init: a list of [B, H, in, out] weights (fresh start, zero momentum) or a MemoryState
 returned by an earlier call (exact continuation, also mid-chunk).
 The state is kept in fp32 (float64 inputs keep float64); y comes back in q's dtype.
+
+impl: "auto" runs the Triton kernels on CUDA tensors (depth 1 and 2) and the chunked
+PyTorch path otherwise; "triton" runs the kernels on CUDA, or on the CPU when
+TRITON_INTERPRET=1 was set before triton was imported, and raises MemoryArgumentError
+where it cannot run (never a silent fallback); "naive" is the float64 test reference.
+recompute_group: g > 0 keeps one state per g chunks for backward and recomputes the rest
+(ops/recompute.py); None or 0 keeps every chunk's state. The naive path ignores it.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from .chunked import chunked_scan
 from .naive import naive_scan
+from .recompute import check_recompute_group
 from .state import MemoryArgumentError, MemoryState, check_scan_args, state_dtype
 
 IMPLS = ("auto", "naive", "chunked", "triton")
-_REGISTRY = {"naive": naive_scan, "chunked": chunked_scan}
 
 
-def register_impl(name: str, fn) -> None:
+@dataclass(frozen=True)
+class _Impl:
+    fn: Callable                       # fn(q, k, v, theta, eta, alpha, state, recompute_group=None)
+    native_dtype: bool = False         # gets q..alpha in the caller's dtype and casts inside
+    unsupported: Callable | None = None  # (q, state) -> None, or why it cannot run these inputs
+
+
+_REGISTRY: dict[str, _Impl] = {
+    "naive": _Impl(lambda *args, recompute_group=None: naive_scan(*args)),
+    "chunked": _Impl(chunked_scan),
+}
+
+
+def register_impl(name: str, fn, *, native_dtype: bool = False, unsupported=None) -> None:
     """Kernels register their scan here (kept out of this file so it imports anywhere)."""
-    _REGISTRY[name] = fn
+    _REGISTRY[name] = _Impl(fn, native_dtype, unsupported)
 
 
-def _resolve(impl: str, q: torch.Tensor) -> str:
+def _load_triton() -> str | None:
+    """Import the kernels (they register "triton"); None, or why they cannot be imported."""
+    if "triton" in _REGISTRY:
+        return None
+    try:
+        from titans_scale.kernels import memory as _  # noqa: F401  (registers itself)
+    except ImportError as e:
+        return f"impl='triton' is unavailable: {e}; install triton or use impl='chunked'"
+    return None
+
+
+def _why_not(name: str, q: torch.Tensor, state: MemoryState) -> str | None:
+    impl = _REGISTRY[name]
+    return impl.unsupported(q, state) if impl.unsupported is not None else None
+
+
+def _resolve(impl: str, q: torch.Tensor, state: MemoryState) -> str:
     if impl not in IMPLS:
         raise MemoryArgumentError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        return "triton" if (q.is_cuda and "triton" in _REGISTRY) else "chunked"
-    if impl == "triton" and "triton" not in _REGISTRY:
-        try:
-            from titans_scale.kernels import memory as _  # noqa: F401  (registers itself)
-        except ImportError as e:
-            raise MemoryArgumentError(f"impl='triton' is unavailable: {e}") from e
+        if q.is_cuda and _load_triton() is None and _why_not("triton", q, state) is None:
+            return "triton"
+        return "chunked"
+    if impl == "triton":
+        reason = _load_triton() or _why_not("triton", q, state)
+        if reason is not None:
+            raise MemoryArgumentError(reason)
     return impl
 
 
@@ -44,13 +85,16 @@ def _as_state_dtype(state: MemoryState, dt: torch.dtype) -> MemoryState:
                        state.position, state.chunk_size)
 
 
-def memory_scan(q, k, v, theta, eta, alpha, init, chunk_size: int = 64, impl: str = "auto"):
+def memory_scan(q, k, v, theta, eta, alpha, init, chunk_size: int = 64, impl: str = "auto",
+                recompute_group: int | None = None):
     state = check_scan_args(q, k, v, theta, eta, alpha, init, chunk_size)
-    name = _resolve(impl, q)
+    check_recompute_group(recompute_group)
+    name = _resolve(impl, q, state)
     dt = state_dtype(q)
     out_dtype = q.dtype
-    args = [t.to(dt) for t in (q, k, v, theta, eta, alpha)]
-    y, new_state = _REGISTRY[name](*args, _as_state_dtype(state, dt))
+    entry = _REGISTRY[name]
+    args = [q, k, v, theta, eta, alpha] if entry.native_dtype else [t.to(dt) for t in (q, k, v, theta, eta, alpha)]
+    y, new_state = entry.fn(*args, _as_state_dtype(state, dt), recompute_group=recompute_group)
     return y.to(out_dtype), new_state
 
 

@@ -1,0 +1,247 @@
+"""Backward Triton kernels of the memory scan: the chunk step's vector-Jacobian product.
+
+One program owns one (batch, head) and walks the chunks of a launch in reverse. It reads
+chunk c's start state (W_c, S_c) from a states buffer (saved by the forward kernel, or
+recomputed per group when recompute is on) and carries the gradients (dW, dS) w.r.t. the
+state at the end of chunk c in global buffers, overwriting them with the gradients at its
+start. With G_s = left^T (c_s * right), G_w = left^T (c_w * right):
+
+    dS_c   = P dS + Q dW                    dP = <dS, S_c>, dA = <dW, W_c>, dQ = <dW, S_c>
+    dW_c   = A dW + (terms through y = f_{W_c}(q) and through the gradient factors at W_c)
+    d left = (c_s right) dS^T + (c_w right) dW^T,   d right = c_s (left dS) + c_w (left dW)
+    dc_s_i = <left_i dS, right_i>,  dc_w_i = <left_i dW, right_i>
+
+then back through the factors to k, v and W_c: the outer gradient flows through the
+inner gradient (second-order terms). Outputs per token: dq, dk, dv, dc_s, dc_w; per
+chunk: dP, dA, dQ (the host maps the coefficient gradients back to theta, eta, alpha).
+Layouts as in memory_fwd.py; states [BH, slots, in, out] with chunk c at slot0 + c.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .memory_fwd import gelu, gelu_grad, gelu_grad2, load_rows
+
+
+@triton.jit
+def _store_rows(ptr, x, bh, T, tok, rcol, mrow, mcol, WIDTH: tl.constexpr):
+    tl.store(ptr + (bh * T + tok)[:, None] * WIDTH + rcol[None, :], x, mask=mrow[:, None] & mcol[None, :])
+
+
+@triton.jit
+def _bwd_linear(
+    q_ptr, k_ptr, v_ptr, dy_ptr, cs_ptr, cw_ptr, p_ptr, a_ptr, qq_ptr,
+    sw_ptr, ss_ptr, dw_ptr, ds_ptr,
+    dq_ptr, dk_ptr, dv_ptr, dcs_ptr, dcw_ptr, dp_ptr, da_ptr, dqq_ptr,
+    n_chunks, tok_chunk0, n_tok_chunks, slot0, n_slots,
+    C: tl.constexpr, D_IN: tl.constexpr, D_OUT: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_IN: tl.constexpr, BLOCK_OUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    bh = tl.program_id(0).to(tl.int64)
+    rc = tl.arange(0, BLOCK_C)
+    ri = tl.arange(0, BLOCK_IN)
+    mc, mi = rc < C, ri < D_IN
+    T = n_tok_chunks * C
+    W_SIZE = D_IN * D_OUT
+    for i in range(n_chunks):
+        c = n_chunks - 1 - i
+        tok = (tok_chunk0 + c) * C + rc
+        q = load_rows(q_ptr, bh, T, tok, ri, mc, mi, D_IN)
+        k = load_rows(k_ptr, bh, T, tok, ri, mc, mi, D_IN)
+        cidx = bh * n_chunks * C + c * C + rc
+        cs = tl.load(cs_ptr + cidx, mask=mc, other=0.0)[:, None]
+        cw = tl.load(cw_ptr + cidx, mask=mc, other=0.0)[:, None]
+        P = tl.load(p_ptr + bh * n_chunks + c)
+        A = tl.load(a_ptr + bh * n_chunks + c)
+        Q = tl.load(qq_ptr + bh * n_chunks + c)
+        slot = (bh * n_slots + slot0 + c) * W_SIZE
+        dq = tl.zeros((BLOCK_C, BLOCK_IN), dtype=tl.float32)
+        dk = tl.zeros((BLOCK_C, BLOCK_IN), dtype=tl.float32)
+        dcs = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        dcw = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        acc_p = tl.zeros((BLOCK_IN, BLOCK_OUT), dtype=tl.float32)
+        acc_a = tl.zeros((BLOCK_IN, BLOCK_OUT), dtype=tl.float32)
+        acc_q = tl.zeros((BLOCK_IN, BLOCK_OUT), dtype=tl.float32)
+        for o0 in range(0, D_OUT, BLOCK_OUT):          # output columns are independent
+            ro = o0 + tl.arange(0, BLOCK_OUT)
+            mo = ro < D_OUT
+            m_w = mi[:, None] & mo[None, :]
+            w_off = ri[:, None] * D_OUT + ro[None, :]
+            W = tl.load(sw_ptr + slot + w_off, mask=m_w, other=0.0)
+            S = tl.load(ss_ptr + slot + w_off, mask=m_w, other=0.0)
+            dW = tl.load(dw_ptr + bh * W_SIZE + w_off, mask=m_w, other=0.0)
+            dS = tl.load(ds_ptr + bh * W_SIZE + w_off, mask=m_w, other=0.0)
+            v = load_rows(v_ptr, bh, T, tok, ro, mc, mo, D_OUT)
+            dy = load_rows(dy_ptr, bh, T, tok, ro, mc, mo, D_OUT)
+            err = tl.dot(k, W, input_precision=PRECISION) - v
+            m_s = tl.dot(k, dS, input_precision=PRECISION)
+            m_w2 = tl.dot(k, dW, input_precision=PRECISION)
+            derr = cs * m_s + cw * m_w2
+            dcs += tl.sum(m_s * err, axis=1)
+            dcw += tl.sum(m_w2 * err, axis=1)
+            dk += tl.dot(cs * err, tl.trans(dS), input_precision=PRECISION)
+            dk += tl.dot(cw * err, tl.trans(dW), input_precision=PRECISION)
+            dk += tl.dot(derr, tl.trans(W), input_precision=PRECISION)
+            dq += tl.dot(dy, tl.trans(W), input_precision=PRECISION)
+            _store_rows(dv_ptr, -derr, bh, T, tok, ro, mc, mo, D_OUT)
+            dWc = tl.dot(tl.trans(q), dy, input_precision=PRECISION)
+            dWc += tl.dot(tl.trans(k), derr, input_precision=PRECISION)
+            acc_p += dS * S
+            acc_a += dW * W
+            acc_q += dW * S
+            tl.store(dw_ptr + bh * W_SIZE + w_off, A * dW + dWc, mask=m_w)
+            tl.store(ds_ptr + bh * W_SIZE + w_off, P * dS + Q * dW, mask=m_w)
+        _store_rows(dq_ptr, dq, bh, T, tok, ri, mc, mi, D_IN)
+        _store_rows(dk_ptr, dk, bh, T, tok, ri, mc, mi, D_IN)
+        tl.store(dcs_ptr + cidx, dcs, mask=mc)
+        tl.store(dcw_ptr + cidx, dcw, mask=mc)
+        tl.store(dp_ptr + bh * n_chunks + c, tl.sum(tl.sum(acc_p, axis=1), axis=0))
+        tl.store(da_ptr + bh * n_chunks + c, tl.sum(tl.sum(acc_a, axis=1), axis=0))
+        tl.store(dqq_ptr + bh * n_chunks + c, tl.sum(tl.sum(acc_q, axis=1), axis=0))
+        tl.debug_barrier()
+
+
+@triton.jit
+def _bwd_mlp2(
+    q_ptr, k_ptr, v_ptr, dy_ptr, cs_ptr, cw_ptr, p_ptr, a_ptr, qq_ptr,
+    sw1_ptr, sw2_ptr, ss1_ptr, ss2_ptr, dw1_ptr, dw2_ptr, ds1_ptr, ds2_ptr,
+    dq_ptr, dk_ptr, dv_ptr, dcs_ptr, dcw_ptr, dp_ptr, da_ptr, dqq_ptr,
+    n_chunks, tok_chunk0, n_tok_chunks, slot0, n_slots,
+    C: tl.constexpr, D: tl.constexpr, HID: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    bh = tl.program_id(0).to(tl.int64)
+    rc = tl.arange(0, BLOCK_C)
+    rd = tl.arange(0, BLOCK_D)
+    mc, md = rc < C, rd < D
+    T = n_tok_chunks * C
+    W_SIZE = D * HID
+    for i in range(n_chunks):
+        c = n_chunks - 1 - i
+        tok = (tok_chunk0 + c) * C + rc
+        q = load_rows(q_ptr, bh, T, tok, rd, mc, md, D)
+        k = load_rows(k_ptr, bh, T, tok, rd, mc, md, D)
+        v = load_rows(v_ptr, bh, T, tok, rd, mc, md, D)
+        dy = load_rows(dy_ptr, bh, T, tok, rd, mc, md, D)
+        cidx = bh * n_chunks * C + c * C + rc
+        cs = tl.load(cs_ptr + cidx, mask=mc, other=0.0)[:, None]
+        cw = tl.load(cw_ptr + cidx, mask=mc, other=0.0)[:, None]
+        P = tl.load(p_ptr + bh * n_chunks + c)
+        A = tl.load(a_ptr + bh * n_chunks + c)
+        Q = tl.load(qq_ptr + bh * n_chunks + c)
+        state = (bh * n_slots + slot0 + c) * W_SIZE
+        kt = tl.trans(k)
+
+        # pass A: the prediction error at W_c
+        pred = tl.zeros((BLOCK_C, BLOCK_D), dtype=tl.float32)
+        for j0 in range(0, HID, BLOCK_J):
+            rj = j0 + tl.arange(0, BLOCK_J)
+            mj = rj < HID
+            W1 = tl.load(sw1_ptr + state + rd[:, None] * HID + rj[None, :], mask=md[:, None] & mj[None, :], other=0.0)
+            W2 = tl.load(sw2_ptr + state + rj[:, None] * D + rd[None, :], mask=mj[:, None] & md[None, :], other=0.0)
+            pred += tl.dot(gelu(tl.dot(k, W1, input_precision=PRECISION)), W2, input_precision=PRECISION)
+        err = k + pred - v
+
+        # pass B: d err (needs sums over all hidden tiles) and the coefficient gradients
+        derr = tl.zeros((BLOCK_C, BLOCK_D), dtype=tl.float32)
+        dcs = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        dcw = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        m2s = tl.zeros((BLOCK_C, BLOCK_D), dtype=tl.float32)       # left_2 dS2 = z dS2
+        m2w = tl.zeros((BLOCK_C, BLOCK_D), dtype=tl.float32)
+        for j0 in range(0, HID, BLOCK_J):
+            rj = j0 + tl.arange(0, BLOCK_J)
+            mj = rj < HID
+            m1 = md[:, None] & mj[None, :]
+            m2 = mj[:, None] & md[None, :]
+            o1 = rd[:, None] * HID + rj[None, :]
+            o2 = rj[:, None] * D + rd[None, :]
+            W1 = tl.load(sw1_ptr + state + o1, mask=m1, other=0.0)
+            W2 = tl.load(sw2_ptr + state + o2, mask=m2, other=0.0)
+            dW1 = tl.load(dw1_ptr + bh * W_SIZE + o1, mask=m1, other=0.0)
+            dS1 = tl.load(ds1_ptr + bh * W_SIZE + o1, mask=m1, other=0.0)
+            dW2 = tl.load(dw2_ptr + bh * W_SIZE + o2, mask=m2, other=0.0)
+            dS2 = tl.load(ds2_ptr + bh * W_SIZE + o2, mask=m2, other=0.0)
+            hk = tl.dot(k, W1, input_precision=PRECISION)
+            zk = gelu(hk)
+            gp = gelu_grad(hk)
+            gh = tl.dot(err, tl.trans(W2), input_precision=PRECISION) * gp     # right_1
+            m1s = tl.dot(k, dS1, input_precision=PRECISION)
+            m1w = tl.dot(k, dW1, input_precision=PRECISION)
+            dcs += tl.sum(m1s * gh, axis=1)
+            dcw += tl.sum(m1w * gh, axis=1)
+            de2 = (cs * m1s + cw * m1w) * gp                                   # d (err W2^T)
+            derr += tl.dot(de2, W2, input_precision=PRECISION)
+            m2s += tl.dot(zk, dS2, input_precision=PRECISION)
+            m2w += tl.dot(zk, dW2, input_precision=PRECISION)
+        dcs += tl.sum(m2s * err, axis=1)
+        dcw += tl.sum(m2w * err, axis=1)
+        derr += cs * m2s + cw * m2w
+        tl.debug_barrier()
+
+        # pass C: per hidden tile, gradients w.r.t. W_c, k, q and the state carried back
+        dq = dy                                                             # the skip path
+        dk = derr
+        acc_p = tl.zeros((BLOCK_D, BLOCK_J), dtype=tl.float32)
+        acc_a = tl.zeros((BLOCK_D, BLOCK_J), dtype=tl.float32)
+        acc_q = tl.zeros((BLOCK_D, BLOCK_J), dtype=tl.float32)
+        for j0 in range(0, HID, BLOCK_J):
+            rj = j0 + tl.arange(0, BLOCK_J)
+            mj = rj < HID
+            m1 = md[:, None] & mj[None, :]
+            m2 = mj[:, None] & md[None, :]
+            o1 = rd[:, None] * HID + rj[None, :]
+            o2 = rj[:, None] * D + rd[None, :]
+            W1 = tl.load(sw1_ptr + state + o1, mask=m1, other=0.0)
+            W2 = tl.load(sw2_ptr + state + o2, mask=m2, other=0.0)
+            S1 = tl.load(ss1_ptr + state + o1, mask=m1, other=0.0)
+            S2 = tl.load(ss2_ptr + state + o2, mask=m2, other=0.0)
+            dW1 = tl.load(dw1_ptr + bh * W_SIZE + o1, mask=m1, other=0.0)
+            dS1 = tl.load(ds1_ptr + bh * W_SIZE + o1, mask=m1, other=0.0)
+            dW2 = tl.load(dw2_ptr + bh * W_SIZE + o2, mask=m2, other=0.0)
+            dS2 = tl.load(ds2_ptr + bh * W_SIZE + o2, mask=m2, other=0.0)
+            hk = tl.dot(k, W1, input_precision=PRECISION)
+            zk = gelu(hk)
+            gp = gelu_grad(hk)
+            e2 = tl.dot(err, tl.trans(W2), input_precision=PRECISION)
+            gh = e2 * gp
+            dgh = cs * tl.dot(k, dS1, input_precision=PRECISION) + cw * tl.dot(k, dW1, input_precision=PRECISION)
+            de2 = dgh * gp
+            # d z: from the layer-2 factor (left = z) and from err = k + z W2 - v
+            dz = tl.dot(cs * err, tl.trans(dS2), input_precision=PRECISION)
+            dz += tl.dot(cw * err, tl.trans(dW2), input_precision=PRECISION)
+            dz += tl.dot(derr, tl.trans(W2), input_precision=PRECISION)
+            dhk = dz * gp + dgh * e2 * gelu_grad2(hk)
+            # d k: from the layer-1 factor (left = k) and through h = k W1
+            dk += tl.dot(cs * gh, tl.trans(dS1), input_precision=PRECISION)
+            dk += tl.dot(cw * gh, tl.trans(dW1), input_precision=PRECISION)
+            dk += tl.dot(dhk, tl.trans(W1), input_precision=PRECISION)
+            dW1c = tl.dot(kt, dhk, input_precision=PRECISION)
+            dW2c = tl.dot(tl.trans(zk), derr, input_precision=PRECISION)
+            dW2c += tl.dot(tl.trans(de2), err, input_precision=PRECISION)
+            # retrieval y = q + gelu(q W1) W2
+            hq = tl.dot(q, W1, input_precision=PRECISION)
+            dhq = tl.dot(dy, tl.trans(W2), input_precision=PRECISION) * gelu_grad(hq)
+            dq += tl.dot(dhq, tl.trans(W1), input_precision=PRECISION)
+            dW1c += tl.dot(tl.trans(q), dhq, input_precision=PRECISION)
+            dW2c += tl.dot(tl.trans(gelu(hq)), dy, input_precision=PRECISION)
+            # the chunk-end state S' = P S + G_s, W' = A W + Q S + G_w
+            acc_p += dS1 * S1 + tl.trans(dS2 * S2)
+            acc_a += dW1 * W1 + tl.trans(dW2 * W2)
+            acc_q += dW1 * S1 + tl.trans(dW2 * S2)
+            tl.store(dw1_ptr + bh * W_SIZE + o1, A * dW1 + dW1c, mask=m1)
+            tl.store(ds1_ptr + bh * W_SIZE + o1, P * dS1 + Q * dW1, mask=m1)
+            tl.store(dw2_ptr + bh * W_SIZE + o2, A * dW2 + dW2c, mask=m2)
+            tl.store(ds2_ptr + bh * W_SIZE + o2, P * dS2 + Q * dW2, mask=m2)
+        _store_rows(dq_ptr, dq, bh, T, tok, rd, mc, md, D)
+        _store_rows(dk_ptr, dk, bh, T, tok, rd, mc, md, D)
+        _store_rows(dv_ptr, -derr, bh, T, tok, rd, mc, md, D)
+        tl.store(dcs_ptr + cidx, dcs, mask=mc)
+        tl.store(dcw_ptr + cidx, dcw, mask=mc)
+        tl.store(dp_ptr + bh * n_chunks + c, tl.sum(tl.sum(acc_p, axis=1), axis=0))
+        tl.store(da_ptr + bh * n_chunks + c, tl.sum(tl.sum(acc_a, axis=1), axis=0))
+        tl.store(dqq_ptr + bh * n_chunks + c, tl.sum(tl.sum(acc_q, axis=1), axis=0))
+        tl.debug_barrier()

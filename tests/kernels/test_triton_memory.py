@@ -1,0 +1,168 @@
+"""The Triton memory kernels equal the chunked path and the float64 reference.
+
+Runs the kernels in the Triton interpreter on the CPU (TRITON_INTERPRET=1, set by this
+folder's conftest.py before triton is first imported), or on CUDA where there is one.
+Every kernel output buffer is filled with NaN before each launch (POISON_OUTPUTS), so an
+element a kernel forgets to write fails the comparison. Shapes are tiny on purpose: the
+interpreter runs each tl.dot through numpy.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from titans_scale.kernels import memory as km  # noqa: E402  (conftest.py set TRITON_INTERPRET first)
+
+if (not km.INTERPRETED and not torch.cuda.is_available()) or km.INTERPRETER_BROKEN:
+    raise RuntimeError("the kernel tests need TRITON_INTERPRET=1 set before triton is first imported "
+                       "(tests/kernels/conftest.py sets it; something imported triton earlier): "
+                       "run them with TRITON_INTERPRET=1 in the environment")
+
+from titans_scale.ops.memory import MemoryArgumentError, _resolve, memory_scan  # noqa: E402
+from titans_scale.ops.state import MemoryState  # noqa: E402
+from tests.ops.memory_inputs import make_inputs, rel_err  # noqa: E402
+
+DEVICE = "cpu" if km.INTERPRETED else "cuda"
+
+
+@pytest.fixture(autouse=True)
+def interpreter_and_poison(monkeypatch):
+    if km.INTERPRETED:              # triton also consults it when an interpreted kernel launches
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(km, "POISON_OUTPUTS", True)
+
+
+def _inputs(depth, d, L, E=2, dtype=torch.float32, H=2):
+    q, k, v, th, et, al, init = make_inputs(B=1, H=H, L=L, d=d, depth=depth, expansion=E, dtype=torch.float32)
+    acts = [x.to(DEVICE, dtype).requires_grad_(True) for x in (q, k, v, th, et, al)]
+    return (*acts, [w.to(DEVICE).requires_grad_(True) for w in init])
+
+
+def _as_float64(args):
+    *acts, init = args
+    return (*[x.detach().double().requires_grad_(True) for x in acts],
+            [w.detach().double().requires_grad_(True) for w in init])
+
+
+def _run(impl, args, C, probe, g=None, pieces=None):
+    """y, final state and the gradients of a loss on both w.r.t. every input.
+    pieces: cut points for streaming the sequence through several calls."""
+    L = args[0].shape[2]
+    state, ys = args[6], []
+    bounds = [0, *(pieces or []), L]
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        y, state = memory_scan(*(x[:, :, a:b] for x in args[:6]), state, chunk_size=C, impl=impl,
+                               recompute_group=g)
+        ys.append(y)
+    y = torch.cat(ys, dim=2)
+    p_y, p_w = probe
+    loss = (y.to(p_y.dtype) * p_y.to(y.device)).sum()
+    loss = loss + sum((w * pw.to(w)).sum() for w, pw in zip(state.weights + state.chunk_start, p_w * 2))
+    loss = loss + sum((m * m).sum() for m in state.momentum)
+    flat = [*args[:6], *args[6]]
+    return y, state, torch.autograd.grad(loss, flat)
+
+
+def _probe(args):
+    return (torch.randn(args[0].shape[:3] + (args[2].shape[-1],), dtype=torch.float64),
+            [torch.randn(w.shape, dtype=torch.float64) for w in args[6]])
+
+
+def _assert_close(got, want, tol, what):
+    y, s, grads = got
+    y_ref, s_ref, grads_ref = want
+    assert not torch.isnan(y).any(), f"{what}: y has unwritten (NaN) elements"
+    assert rel_err(y.double().cpu(), y_ref.double().cpu()) < tol, f"{what}: y"
+    for name in ("chunk_start", "weights", "momentum"):
+        for a, b in zip(getattr(s, name), getattr(s_ref, name)):
+            assert rel_err(a.double().cpu(), b.double().cpu()) < tol, f"{what}: state {name}"
+    assert s.position == s_ref.position
+    names = ["q", "k", "v", "theta", "eta", "alpha"] + [f"W{i}" for i in range(len(s.weights))]
+    for name, a, b in zip(names, grads, grads_ref):
+        assert not torch.isnan(a).any(), f"{what}: grad {name} has unwritten (NaN) elements"
+        assert rel_err(a.double().cpu(), b.double().cpu()) < tol, f"{what}: grad {name}"
+
+
+CASES = [  # depth, d, chunk size, L (never a multiple of C), expansion (hidden 48: a partial tile), heads
+    (1, 16, 8, 21, 1, 2), (1, 32, 64, 137, 1, 1), (1, 64, 16, 45, 1, 2),
+    (2, 16, 16, 45, 3, 2), (2, 32, 8, 21, 2, 2), (2, 64, 64, 137, 2, 1),
+]
+
+
+@pytest.mark.parametrize("depth,d,C,L,E,H", CASES)
+def test_fp32_equals_chunked_and_reference(depth, d, C, L, E, H):
+    args = _inputs(depth, d, L, E, H=H)
+    probe = _probe(args)
+    got = _run("triton", args, C, probe)
+    _assert_close(got, _run("chunked", args, C, probe), 1e-5, "vs chunked")
+    _assert_close(got, _run("naive", _as_float64(args), C, probe), 1e-5, "vs float64 reference")
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_bf16_inputs_equal_reference(depth):
+    args = _inputs(depth, 32, 45, dtype=torch.bfloat16, H=1)
+    probe = _probe(args)
+    y, state, grads = got = _run("triton", args, 16, probe)
+    assert y.dtype == torch.bfloat16 and grads[0].dtype == torch.bfloat16
+    assert all(w.dtype == torch.float32 for w in state.weights + state.momentum)
+    _assert_close(got, _run("naive", _as_float64(args), 16, probe), 1e-2, "bf16 vs float64 reference")
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_streaming_state_in_and_out(depth):
+    """Cut mid-chunk: each call has a leading partial chunk, full chunks and a trailing piece."""
+    args = _inputs(depth, 16, 45, E=2)
+    probe = _probe(args)
+    whole = _run("chunked", args, 8, probe)
+    _assert_close(_run("triton", args, 8, probe, pieces=[5, 29, 30]), whole, 1e-5, "streamed")
+    _assert_close(_run("triton", args, 8, probe, pieces=[16, 40]), whole, 1e-5, "streamed on the grid")
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_recompute_gives_the_same_gradients(depth):
+    args = _inputs(depth, 16, 61, E=2)
+    probe = _probe(args)
+    plain = _run("triton", args, 8, probe)
+    for g in (2, 3):
+        _assert_close(_run("triton", args, 8, probe, g=g), plain, 1e-6, f"recompute_group={g}")
+
+
+def test_triton_refuses_what_it_cannot_run():
+    q, k, v, th, et, al, init = make_inputs(B=1, H=1, L=8, d=8, depth=3)
+    with pytest.raises(MemoryArgumentError, match="depth 1 and 2"):
+        memory_scan(*(x.float() for x in (q, k, v, th, et, al)), [w.float() for w in init], impl="triton")
+    with pytest.raises(MemoryArgumentError, match="float64"):
+        memory_scan(q, k, v, th, et, al, [torch.zeros(1, 1, 8, 8, dtype=torch.float64)], impl="triton")
+    state = MemoryState.fresh([w.float() for w in init], 64)
+    assert _resolve("auto", q.float(), state) == "chunked"          # CPU tensors: never triton by default
+
+
+_NO_TRITON_SCRIPT = """
+import sys, torch
+{setup}
+from titans_scale.ops.memory import MemoryArgumentError, memory_scan
+x = torch.randn(1, 1, 8, 4); g = torch.rand(1, 1, 8)
+try:
+    memory_scan(x, x, x, g, g, g, [torch.zeros(1, 1, 4, 4)], chunk_size=4, impl="triton")
+except MemoryArgumentError as e:
+    print("ERR", e)
+"""
+
+
+@pytest.mark.parametrize("setup,expect", [
+    ("", "needs CUDA tensors, or TRITON_INTERPRET=1"),             # triton installed, no GPU, no interpreter
+    ("sys.modules['triton'] = None", "impl='triton' is unavailable"),  # triton not installed
+    ("import os, triton; os.environ['TRITON_INTERPRET'] = '1'", "before triton is first imported"),
+])
+def test_clear_error_without_cuda_interpreter_or_triton(setup, expect):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA, so impl='triton' can run on CPU-less paths")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _NO_TRITON_SCRIPT.format(setup=setup)], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    line = out.stdout.strip()
+    assert line.startswith("ERR") and expect in line and "\n" not in line, line
