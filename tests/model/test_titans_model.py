@@ -120,3 +120,15 @@ def test_gate_initialisation_keeps_memory_long():
     with torch.no_grad():                     # correlated inputs (repeated tokens) stay finite
         out, state = model(torch.full((1, 1024), 7))
     assert torch.isfinite(out).all() and all(w.abs().max() < 1e3 for w in state.layers[0].memory.weights)
+
+
+@pytest.mark.parametrize("mixer", ["mag", "mac"])
+def test_memory_recompute_gives_the_same_gradients(mixer):
+    tok = torch.randint(0, 259, (1, 40))
+    grads = []
+    for g in (0, 2):
+        model = tiny_model(mixer, recompute_group=g)
+        logits, _ = model(tok)
+        F.cross_entropy(logits.flatten(0, 1), tok.flatten()).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))

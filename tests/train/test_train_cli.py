@@ -51,6 +51,7 @@ def test_train_writes_metrics_checkpoints_and_loss_falls(reference_run):
     assert (reference_run / "checkpoints" / "latest").read_text() == "step_00000012"
     assert (reference_run / "config.toml").is_file()
     assert read_metrics(reference_run, "eval")[0]["val_loss"] > 0
+    assert 2.0 < read_metrics(reference_run, "start")[0]["unigram_loss"] < 5.5   # bytes of Python source
 
 
 @pytest.mark.parametrize("kill_at", ["save_mid:8", "save_before_latest:8"])

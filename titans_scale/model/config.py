@@ -29,6 +29,7 @@ class ModelConfig:
     chunk_size: int = 64
     max_lr: float = 0.01                  # bound on the inner learning rate theta
     conv_kernel: int = 4
+    recompute_group: int = 0              # memory op keeps one state per g chunks in backward (0 = all)
     # attention (DESIGN.md section 4)
     window: int = 128                     # sliding window (swa, mag, mal), tokens seen incl. self
     segment_len: int = 128                # mac / seg segment length, a multiple of chunk_size

@@ -42,6 +42,7 @@ class NeuralMemory(nn.Module):
         super().__init__()
         D, H, d = cfg.d_model, cfg.memory_heads, cfg.memory_dim
         self.d, self.chunk_size, self.max_lr = d, cfg.chunk_size, cfg.max_lr
+        self.recompute_group = cfg.recompute_group or None
         self.impl = "auto"
         self.qkv = nn.Linear(D, 3 * H * d, bias=False)
         self.conv = CausalDepthwiseConv(3 * H * d, cfg.conv_kernel)
@@ -59,6 +60,9 @@ class NeuralMemory(nn.Module):
         self.out_norm = RMSNorm(d, cfg.norm_eps)
         self.out_gate = nn.Linear(D, H * d, bias=False)
         self.out = nn.Linear(H * d, D, bias=False)
+        # Input of MAC's q-only read, which uses self.qkv's weight directly: identity here;
+        # tensor parallelism puts megatron's TP-region entry in its place (parallel/tensor_parallel.py).
+        self.q_input = nn.Identity()
         self.reset_gates(cfg.init_std)
 
     @torch.no_grad()
@@ -87,7 +91,7 @@ class NeuralMemory(nn.Module):
             w = w.view(H, 3, d, -1)[:, :parts].reshape(H * parts * d, -1)
             cw = cw.view(H, 3, d, -1)[:, :parts].reshape(H * parts * d, -1)
             cb = cb.view(H, 3, d)[:, :parts].reshape(-1)
-            h, cache = self.conv(F.linear(x, w), cache, cw, cb)
+            h, cache = self.conv(F.linear(self.q_input(x), w), cache, cw, cb)
         h = F.silu(h).view(B, L, -1, parts, d).permute(3, 0, 2, 1, 4)   # [parts, B, H, L, d]
         out = [F.normalize(h[0], dim=-1)]
         if parts > 1:
@@ -122,7 +126,8 @@ class NeuralMemory(nn.Module):
         """Read and update the memory with x [B, L, D]; returns retrieved y [B, H, L, d]."""
         (q, k, v), conv = self.project(x, state.conv)
         theta, eta, alpha = self.gate_values(x)
-        y, mem = memory_scan(q, k, v, theta, eta, alpha, state.memory, self.chunk_size, self.impl)
+        y, mem = memory_scan(q, k, v, theta, eta, alpha, state.memory, self.chunk_size, self.impl,
+                             recompute_group=self.recompute_group)
         return y, MemoryLayerState(mem, conv)
 
     def forward(self, x: torch.Tensor, state: MemoryLayerState | None = None):

@@ -43,6 +43,16 @@ class RunData:
             inputs[-self.n_recall:], targets[-self.n_recall:] = ri, rt
         return inputs, targets
 
+    def unigram_entropy(self, max_tokens: int = 1 << 24) -> float:
+        """Cross-entropy (nats/token) of the best context-free model of the train split: the
+        baseline a language model must beat to have learned anything beyond token counts."""
+        import numpy as np
+        stream = self.train._stream
+        n = min(len(stream), max_tokens)
+        counts = np.bincount(stream.read(0, n), minlength=self.tokenizer.vocab_size).astype(np.float64)
+        p = counts[counts > 0] / n
+        return float(-(p * np.log(p)).sum())
+
     def val_loader(self, batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """A fixed set of validation batches (same for every evaluation of a run)."""
         d = self.cfg.data

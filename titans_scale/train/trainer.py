@@ -141,8 +141,11 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         rate = measured_matmul_flops()
         tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+        unigram = self.data.unigram_entropy()
         self.metrics.log("start", self.step, params=self.model.num_params(), matmul_flops=rate,
-                         flops_per_token=self.flops_per_token)
+                         flops_per_token=self.flops_per_token, unigram_loss=unigram)
+        log.info("%.2fM parameters | %.1f MFLOP/token | fp32 matmul %.1f GFLOP/s | unigram baseline "
+                 "loss %.3f", self.model.num_params() / 1e6, self.flops_per_token / 1e6, rate / 1e9, unigram)
         bar = _progress(t.progress, self.step, t.steps)
         with PreemptionGuard() as guard:
             last = self._loop(guard, bar, rate, tokens_per_step)
