@@ -1,9 +1,13 @@
 """The one command line: `titans-scale <command> ...`.
 
   train     --config configs/tiny.toml [key=value ...] [--fresh]
-  eval      --run-dir runs/tiny [--suite loss|niah|recall|all] [--lengths 512,1024]
+  eval      --run-dir runs/tiny [--suite loss|niah|recall|all] [--lengths 512,1024] [--depths 0,0.5,1]
   generate  --run-dir runs/tiny --prompt "def " [--max-new-tokens 200]
   prepare   --source my.jsonl --out data_cache/mine [--tokenizer tokenizer.json]
+  convert   SRC DST --to consolidated|training|inference|titans-pytorch (docs/convert.md)
+  launch    --config X [--nnodes 2 --nproc-per-node 8 --rdzv-endpoint host:port] [--dry-run]
+  slurm submit --config X --nodes 4 --gpus-per-node 8 [--partition p --time 04:00:00] [--dry-run]
+  sweep     plan|run|collect|fit|plot|all --spec sweeps/cpu.toml (docs/sweeps.md)
 
 Overrides are `section.field=value` (e.g. train.steps=50 model.layers='["mac","mac"]').
 Errors a user can cause print one line naming the field and the fix, never a traceback.
@@ -18,14 +22,36 @@ import sys
 from pathlib import Path
 
 
+def _distributed_launch(cfg) -> bool:
+    """torchrun sets WORLD_SIZE; a config asking for a parallel layout goes the same way (and is
+    refused with one line if the world size does not fit it)."""
+    import os
+
+    p = cfg.parallel
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or p.tp > 1 or p.pp > 1 or p.cp > 1
+
+
 def _cmd_train(args) -> int:
     from titans_scale.config import load_run_config
     from titans_scale.train.trainer import Trainer
 
     cfg = load_run_config(args.config, args.overrides)
-    trainer = Trainer(cfg, resume=not args.fresh)
-    last = trainer.run()
-    print(json.dumps({"step": trainer.step, **{k: round(v, 5) for k, v in last.items()}}))
+    if _distributed_launch(cfg):        # torchrun (WORLD_SIZE > 1) or a parallel layout
+        import os
+
+        from titans_scale.parallel.layout import plan_layout
+        plan_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))   # refuse before importing megatron
+        from titans_scale.train.distributed import train_distributed
+        step, last, main_rank = train_distributed(cfg, resume=not args.fresh)
+        if main_rank:
+            print(json.dumps({"step": step, **{k: round(v, 5) for k, v in last.items()}}))
+    else:
+        trainer = Trainer(cfg, resume=not args.fresh)
+        last = trainer.run()
+        print(json.dumps({"step": trainer.step, **{k: round(v, 5) for k, v in last.items()}}))
+    if last.get("preempted"):       # checkpointed on SIGUSR1/SIGTERM: rank 0 requeues our Slurm job
+        from titans_scale.launcher.requeue import requeue_after_preemption
+        return requeue_after_preemption()
     return 0
 
 
@@ -52,26 +78,8 @@ def load_trained(run_dir: str, overrides=()):
 
 
 def _cmd_eval(args) -> int:
-    from titans_scale.data.tokenizer import load_tokenizer
-    from titans_scale.train.data import RunData
-    from titans_scale.train.evaluate import perplexity, recall_accuracy
-    from titans_scale.train.trainer import evaluate_loss
-
-    cfg, model = load_trained(args.run_dir, args.overrides)
-    out: dict = {}
-    if args.suite in ("loss", "all"):
-        loss = evaluate_loss(model, RunData(cfg).val_loader(args.batches), model.precision.autocast)
-        out["val_loss"], out["val_ppl"] = loss, perplexity(loss)
-    tok = load_tokenizer(cfg.data.tokenizer)
-    lengths = [int(x) for x in args.lengths.split(",")]
-    for suite, task in (("niah", "needle"), ("recall", "mqar")):
-        if args.suite in (suite, "all"):
-            for n in lengths:
-                kw = {"num_pairs": max(1, min(8, n // 96))} if task == "mqar" else {}   # pairs that fit
-                r = recall_accuracy(model, tok, task, n, args.samples, seed=args.seed, **kw)
-                out[f"{suite}_acc@{n}"] = r.accuracy
-    print(json.dumps(out))
-    return 0
+    from titans_scale.eval.command import cmd_eval       # suites, sweeps, JSON + heat maps
+    return cmd_eval(args)
 
 
 def _cmd_generate(args) -> int:
@@ -111,13 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=_cmd_train)
 
     e = sub.add_parser("eval", help="held-out loss/perplexity and recall accuracy of a trained run")
-    e.add_argument("--run-dir", required=True)
-    e.add_argument("--suite", choices=["loss", "niah", "recall", "all"], default="all")
-    e.add_argument("--lengths", default="512,1024")
-    e.add_argument("--samples", type=int, default=20)
-    e.add_argument("--batches", type=int, default=8)
-    e.add_argument("--seed", type=int, default=10_000)
-    e.add_argument("overrides", nargs="*")
+    from titans_scale.eval.command import add_eval_arguments
+    add_eval_arguments(e)           # --suite --lengths --depths --samples ... (titans_scale/eval/command.py)
     e.set_defaults(fn=_cmd_eval)
 
     g = sub.add_parser("generate", help="continue a prompt with a trained run")
@@ -137,6 +140,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-bytes", type=int, default=8_000_000)
     r.add_argument("--overwrite", action="store_true")
     r.set_defaults(fn=_cmd_prepare)
+
+    from titans_scale.convert.cli import add_convert_parser
+    add_convert_parser(sub)         # convert (titans_scale/convert/cli.py)
+
+    from titans_scale.launcher.commands import add_launch_commands
+    add_launch_commands(sub)        # launch, slurm submit (titans_scale/launcher/commands.py)
+
+    from titans_scale.sweep.cli import add_sweep_parser
+    add_sweep_parser(sub)           # sweep plan|run|collect|fit|plot|all (titans_scale/sweep/cli.py)
     return p
 
 

@@ -25,13 +25,22 @@ Every change (module paths are under ``megatron.core``):
 | ``dist_checkpointing.strategies.filesystem_async`` | ``torch.cuda.synchronize()`` | no-op | default (torch_dist) save, sync and async |
 | ``dist_checkpointing.strategies.async_utils`` | ``torch.tensor(device=torch.cuda.current_device())``, ``torch.cuda.synchronize()`` | CPU tensor, no-op | async save (``AsyncCallsQueue``): completion all-reduce |
 | ``dist_checkpointing.strategies.state_dict_saver`` | ``torch.tensor(device="cuda" / current_device())`` | CPU tensor | every torch_dist save: failure broadcast in finalize; cached-plan verify all-reduce |
+| ``distributed.param_and_grad_buffer`` | ``torch.zeros(device=torch.cuda.current_device())`` | CPU buffers | megatron DDP's contiguous param / grad buffers |
+| ``optimizer.optimizer`` | ``torch.tensor(device='cuda')`` | CPU tensor | every mixed-precision / distributed optimizer (unit loss scale, overflow buffer) |
+| ``optimizer.clip_grads`` | ``torch.zeros/tensor(device='cuda')`` | CPU tensor | grad-norm and zero-count of every megatron optimizer step |
+| ``DistributedOptimizer._build_model_and_main_param_groups`` | ``param.type() == 'torch.cuda.FloatTensor'`` (else TypeError) | during the call, each parameter's ``type()`` reports the CUDA name of its dtype | building the distributed optimizer |
+| ``optimizer.clip_grad_by_total_norm_fp32`` (name used by ``optimizer.optimizer``) | ``assert param.grad.type() == 'torch.cuda.FloatTensor'`` | during the call, each grad's ``type()`` reports the CUDA name | gradient clipping of the distributed optimizer |
 | ``tensor_parallel.random`` (``torch``) | ``torch.cuda.manual_seed``, ``torch.cuda.get_rng_state`` | the CPU default generator | ``model_parallel_cuda_manual_seed`` and ``CudaRNGStatesTracker.add`` |
 | ``tensor_parallel.random._get_cuda_rng_state`` / ``_set_cuda_rng_state`` | ``torch.cuda.default_generators[i]`` / ``_lazy_call`` (silently deferred forever on CPU) | get / set the CPU default generator | ``CudaRNGStatesTracker.fork`` (dropout, GPU-style init), activation checkpointing |
 | logger ``megatron.core.tensor_parallel.random`` | warns "CPU RNG state changed within GPU RNG context" on every fork that draws numbers | that one message filtered | on CPU the tracked generator *is* the CPU generator, so the warning is always a false alarm |
 
-Each row was checked by undoing it alone: a test in tests/parallel/test_megatron_cpu.py
-then fails. Other ``torch.cuda`` calls (streams, events, CUDA graphs, NVTX, autocast("cuda"),
-TE/apex fused kernels, fully-parallel load exchange's ``.cuda()``) are left alone: they raise
+Each row was checked by undoing it alone: a test in tests/parallel/test_megatron_cpu.py (or,
+for megatron's DDP / distributed optimizer rows, tests/parallel/test_parity_data_parallel.py's
+DP=2 megatron run) then fails. The ``type()`` rows shadow the method on those tensor objects for
+the duration of one call and remove it afterwards; torch's Tensor class is not touched.
+Other ``torch.cuda`` calls (streams, events, CUDA graphs, NVTX, autocast("cuda"), TE/apex
+fused kernels, fully-parallel load exchange's ``.cuda()``, the distributed optimizer's
+NCCL-path state gather) are left alone: they raise
 as before, which names the unsupported feature. On CPU the "device" that megatron's code sees is
 ``torch.device("cpu")``, and its tracked RNG streams share torch's default CPU generator (fork
 swaps its state in and out, as on GPU with the CUDA generator).
@@ -66,6 +75,9 @@ _TORCH_VIEW_MODULES = (
     "megatron.core.dist_checkpointing.strategies.filesystem_async",
     "megatron.core.dist_checkpointing.strategies.async_utils",
     "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.clip_grads",
 )
 _RANDOM_MODULE = "megatron.core.tensor_parallel.random"
 _FORK_WARNING = "CPU RNG state changed within GPU RNG context"
@@ -161,6 +173,51 @@ def _set_cpu_rng_state(new_state: torch.Tensor, device: Any = -1, graph_safe: bo
     torch.set_rng_state(new_state)
 
 
+def _report_cuda_type(tensors: list[torch.Tensor]) -> None:
+    """Shadow ``type()`` on these tensor objects so it names the CUDA type of their dtype
+    ('torch.FloatTensor' -> 'torch.cuda.FloatTensor'); _restore_type undoes it."""
+    for t in tensors:
+        name = t.type()
+        t.type = (lambda *args, _n=name.replace("torch.", "torch.cuda.", 1), **kwargs: _n)
+
+
+def _restore_type(tensors: list[torch.Tensor]) -> None:
+    for t in tensors:
+        t.__dict__.pop("type", None)
+
+
+def _build_groups_reporting_cuda(original):
+    """DistributedOptimizer._build_model_and_main_param_groups with CPU params passing its
+    ``param.type() == 'torch.cuda.FloatTensor'`` dispatch (fp32 / bf16 / fp16 branches)."""
+
+    def build(cls, gbuf_ranges, param_gbuf_map, *args, **kwargs):
+        params = [p for p in param_gbuf_map if not p.is_cuda]
+        _report_cuda_type(params)
+        try:
+            return original(cls, gbuf_ranges, param_gbuf_map, *args, **kwargs)
+        finally:
+            _restore_type(params)
+
+    build.__wrapped__ = original
+    return classmethod(build)
+
+
+def _clip_reporting_cuda(original):
+    """clip_grad_by_total_norm_fp32 with CPU grads passing its CUDA-type assertion."""
+
+    def clip(parameters, *args, **kwargs):
+        params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+        grads = [p.grad for p in params if p.grad is not None and not p.grad.is_cuda]
+        _report_cuda_type(grads)
+        try:
+            return original(params, *args, **kwargs)
+        finally:
+            _restore_type(grads)
+
+    clip.__wrapped__ = original
+    return clip
+
+
 class _DropForkWarning(logging.Filter):
     """Drops the tracker's 'CPU RNG state changed' warning, a false alarm in CPU mode."""
 
@@ -202,6 +259,19 @@ def apply_megatron_cpu_compat() -> list[str]:
         if getattr(random, attr) is not cpu_fn:
             setattr(random, attr, cpu_fn)
             changes.append(f"{_RANDOM_MODULE}.{attr} -> default CPU generator")
+    from megatron.core.optimizer import distrib_optimizer, optimizer
+
+    dist_opt = distrib_optimizer.DistributedOptimizer
+    build = dist_opt.__dict__["_build_model_and_main_param_groups"]
+    if not hasattr(build.__func__, "__wrapped__"):
+        dist_opt._build_model_and_main_param_groups = _build_groups_reporting_cuda(build.__func__)
+        changes.append("megatron.core.optimizer.distrib_optimizer.DistributedOptimizer."
+                       "_build_model_and_main_param_groups: CPU params report CUDA type names")
+    if not hasattr(optimizer.clip_grad_by_total_norm_fp32, "__wrapped__"):
+        optimizer.clip_grad_by_total_norm_fp32 = _clip_reporting_cuda(optimizer.clip_grad_by_total_norm_fp32)
+        changes.append("megatron.core.optimizer.optimizer.clip_grad_by_total_norm_fp32: "
+                       "CPU grads report CUDA type names")
+
     logger = logging.getLogger(_RANDOM_MODULE)
     if not any(isinstance(f, _DropForkWarning) for f in logger.filters):
         logger.addFilter(_DropForkWarning())

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from titans_scale.errors import ConfigError
 from titans_scale.parallel.megatron_cpu import apply_megatron_cpu_compat
 
 __all__ = ["ParallelConfigError", "ParallelInfo", "destroy_parallel", "init_parallel"]
@@ -26,8 +27,9 @@ _ENV_KEYS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 _we_started_dist = False
 
 
-class ParallelConfigError(ValueError):
-    """A parallel layout that cannot be built (bad sizes, missing launcher environment)."""
+class ParallelConfigError(ConfigError):
+    """A parallel layout that cannot be built (bad sizes, missing launcher environment).
+    A ConfigError (so a ValueError): the CLI prints its one line instead of a traceback."""
 
 
 @dataclass(frozen=True)

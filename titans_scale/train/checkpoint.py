@@ -7,8 +7,8 @@ Layout:  <run_dir>/checkpoints/step_00000100/{model_optim/ (DCP), trainer.pt, ma
 A checkpoint is written into a temporary folder, its manifest (file sizes and SHA-256) last,
 then renamed into place, and only then does `latest` move (os.replace). A crash at any
 moment leaves the previous checkpoint and `latest` untouched; loading verifies the manifest,
-so a truncated or altered file is refused with a clear message. Everything is read with
-weights_only=True: a checkpoint carrying pickled objects is refused.
+so a truncated or altered file is refused with a clear message. Nothing is unpickled beyond
+tensors and plain values (convert/safe_load.py): a checkpoint carrying pickled objects is refused.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from titans_scale.convert.errors import ConvertError
+from titans_scale.convert.safe_load import SafeFileSystemReader, SafeLoadPlanner, dcp_errors, safe_torch_load
 from titans_scale.errors import CheckpointError
 
 FORMAT_VERSION = 1
@@ -84,6 +86,17 @@ def verify_manifest(folder: Path) -> None:
             raise CheckpointError(f"checkpoint '{folder}': '{rel}' does not match its checksum (corrupt)")
 
 
+def _safe_dcp_load(state: dict, folder: Path, what: str) -> None:
+    """dcp.load that never unpickles arbitrary objects (allow-listed metadata, weights_only
+    values) and turns DCP's deep errors (shape or key mismatches) into one line."""
+    try:
+        with dcp_errors(f"checkpoint '{folder}' does not fit this {what}"):
+            dcp.load(state, storage_reader=SafeFileSystemReader(folder / "model_optim"),
+                     planner=SafeLoadPlanner())
+    except ConvertError as e:
+        raise CheckpointError(str(e)) from None
+
+
 class CheckpointManager:
     def __init__(self, run_dir: str | Path, keep: int = 2):
         self.dir = Path(run_dir) / "checkpoints"
@@ -134,25 +147,16 @@ class CheckpointManager:
         verify_manifest(folder)
         msd, osd = get_state_dict(model, optimizer)
         state = {"model": msd, "optim": osd}
-        try:
-            dcp.load(state, checkpoint_id=str(folder / "model_optim"))
-        except Exception as e:  # DCP raises deep errors for shape or key mismatches
-            raise CheckpointError(f"checkpoint '{folder}' does not fit this model/optimizer: "
-                                  f"{str(e).splitlines()[0][:300]}") from None
+        _safe_dcp_load(state, folder, "model/optimizer")
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         try:
-            return torch.load(folder / "trainer.pt", weights_only=True)
-        except Exception as e:
-            raise CheckpointError(f"checkpoint '{folder}/trainer.pt' cannot be read safely "
-                                  f"(weights_only): {str(e).splitlines()[0][:200]}") from None
+            return safe_torch_load(folder / "trainer.pt")
+        except ConvertError as e:
+            raise CheckpointError(str(e)) from None
 
     def load_model(self, folder: Path, model) -> None:
         """Weights only (eval, generate, export): the optimizer state is not read."""
         verify_manifest(folder)
         state = {"model": model.state_dict()}
-        try:
-            dcp.load(state, checkpoint_id=str(folder / "model_optim"))
-        except Exception as e:
-            raise CheckpointError(f"checkpoint '{folder}' does not fit this model: "
-                                  f"{str(e).splitlines()[0][:300]}") from None
+        _safe_dcp_load(state, folder, "model")
         model.load_state_dict(state["model"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from titans_scale.config import RunConfig
@@ -11,9 +13,55 @@ from titans_scale.data.synthetic import recall_batch
 from titans_scale.data.tokenizer import load_tokenizer
 from titans_scale.errors import ConfigError
 
+IGNORE = -100          # F.cross_entropy's ignore_index: targets that carry no loss
+
 
 def sources_of(spec: str):
     return "embedded" if spec == "embedded" else [s.strip() for s in spec.split(",") if s.strip()]
+
+
+@dataclass(frozen=True)
+class RecallMix:
+    """The recall rows of each batch (data.recall_*; defaults keep the original MQAR mixture).
+
+    loss = "answers" keeps only the answer tokens' targets (the rest become IGNORE), so the
+    recall rows teach recall, not the haystack; "lm" trains on every token.
+    corpus_loss < 1 keeps that share of the corpus rows' targets (a subset seeded by the step):
+    a row of corpus text holds ~100x more targets than a row's answers, so this is how a
+    mixture weights recall up without a second loss term.
+    """
+
+    rows: int                      # rows per batch replaced by recall samples
+    task: str = "mqar"             # mqar | needle (pass key)
+    loss: str = "lm"               # lm | answers
+    digits: int = 0                # pass-key / value digits; 0 = the task's default
+    haystack: str = "noise"        # noise | corpus
+    corpus_loss: float = 1.0       # share of corpus-row targets that carry loss
+
+    @classmethod
+    def of(cls, cfg: RunConfig) -> "RecallMix":
+        d = cfg.data
+        mix = cls(rows=round(d.recall_fraction * d.batch_size),
+                  task=getattr(d, "recall_task", "mqar"), loss=getattr(d, "recall_loss", "lm"),
+                  digits=getattr(d, "recall_digits", 0), haystack=getattr(d, "recall_haystack", "noise"),
+                  corpus_loss=getattr(d, "corpus_loss_fraction", 1.0))
+        checks = [("recall_task", mix.task, ("mqar", "needle")), ("recall_loss", mix.loss, ("lm", "answers")),
+                  ("recall_haystack", mix.haystack, ("noise", "corpus"))]
+        for name, value, allowed in checks:
+            if value not in allowed:
+                raise ConfigError(f"data.{name}: {value!r} is not known; use {' or '.join(allowed)}")
+        if not 0.0 < mix.corpus_loss <= 1.0:
+            raise ConfigError(f"data.corpus_loss_fraction: must be in (0, 1], got {mix.corpus_loss!r}")
+        if not isinstance(mix.digits, int) or mix.digits < 0:
+            raise ConfigError(f"data.recall_digits: must be an integer >= 0 (0 = the task's default), "
+                              f"got {mix.digits!r}")
+        return mix
+
+    def task_kwargs(self) -> dict:
+        kw: dict = {"haystack": self.haystack}
+        if self.digits:
+            kw["digits" if self.task == "needle" else "value_digits"] = self.digits
+        return kw
 
 
 class RunData:
@@ -25,6 +73,11 @@ class RunData:
             raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                               f"vocabulary ({self.tokenizer.vocab_size}); set model.vocab_size >= "
                               f"{self.tokenizer.vocab_size}")
+        self.recall = RecallMix.of(cfg)
+        par = cfg.parallel
+        if self.recall.rows and self.recall.loss == "answers" and (world_size > 1 or par.tp * par.pp * par.cp > 1):
+            raise ConfigError("data.recall_loss: 'answers' needs the single-process trainer (the parallel "
+                              "runtime's vocab-parallel loss does not skip ignored targets); use 'lm'")
         if rank == 0:
             prepare_corpus(d.shard_dir, self.tokenizer, sources_of(d.source), max_bytes=d.max_bytes)
         if world_size > 1:
@@ -32,15 +85,25 @@ class RunData:
         self.train = TokenLoader(d.shard_dir, "train", d.seq_len, d.batch_size, seed=cfg.train.seed,
                                  rank=rank, world_size=world_size, tokenizer=self.tokenizer)
         self.rank, self.world_size = rank, world_size
-        self.n_recall = round(d.recall_fraction * d.batch_size)
+        self.n_recall = self.recall.rows
 
     def next_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         inputs, targets = next(self.train)
         if self.n_recall:          # replace the last rows with recall samples (seeded by step, rank)
-            ri, rt, _ = recall_batch(self.tokenizer, self.n_recall, self.cfg.data.seq_len,
-                                     seed=self.cfg.train.seed + 7919 * self.rank, step=step)
+            r = self.recall
+            ri, rt, mask = recall_batch(self.tokenizer, r.rows, self.cfg.data.seq_len,
+                                        seed=self.cfg.train.seed + 7919 * self.rank, step=step,
+                                        task=r.task, **r.task_kwargs())
+            if r.loss == "answers":
+                rt = rt.masked_fill(~mask, IGNORE)
             inputs, targets = inputs.clone(), targets.clone()
             inputs[-self.n_recall:], targets[-self.n_recall:] = ri, rt
+        if self.recall.corpus_loss < 1.0:
+            rows = targets.shape[0] - self.n_recall
+            g = torch.Generator().manual_seed(self.cfg.train.seed + 7919 * self.rank + 104729 * step)
+            drop = torch.rand(rows, targets.shape[1], generator=g) >= self.recall.corpus_loss
+            targets = targets.clone()
+            targets[:rows] = targets[:rows].masked_fill(drop, IGNORE)
         return inputs, targets
 
     def unigram_entropy(self, max_tokens: int = 1 << 24) -> float:
@@ -65,4 +128,3 @@ class RunData:
 
     def load_state_dict(self, state: dict) -> None:
         self.train.load_state_dict(state)
-

@@ -1,0 +1,69 @@
+"""Which reader opens a path: a small registry that other layouts plug into.
+
+    register_layout("megatron-tp-pp", detect=lambda p: (p / "metadata.json").is_file(),
+                    open=lambda p, run_config: MyReader(p, run_config))
+
+open_checkpoint(path) tries the layouts newest-registered first, then the built-in ones:
+a consolidated folder, a run folder (its newest checkpoint), a training checkpoint folder
+(step_N with model_optim/), a bare DCP folder (one process or several ranks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from titans_scale.config import RunConfig
+
+from .consolidated import ConsolidatedReader, is_consolidated
+from .dcp_reader import DcpReader, resolve_run_dir
+from .errors import ConvertError
+from .reader import CheckpointReader
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str
+    detect: Callable[[Path], bool]
+    open: Callable[[Path, RunConfig | None], CheckpointReader]
+
+
+_BUILTIN = [
+    Layout("consolidated", is_consolidated, lambda p, run: ConsolidatedReader(p)),
+    Layout("run-dir", lambda p: (p / "checkpoints").is_dir() and (p / "config.toml").is_file(),
+           lambda p, run: DcpReader(resolve_run_dir(p), run)),
+    Layout("training", lambda p: (p / "model_optim").is_dir(), lambda p, run: DcpReader(p, run)),
+    Layout("dcp", lambda p: (p / ".metadata").is_file(), lambda p, run: DcpReader(p, run)),
+]
+_REGISTERED: list[Layout] = []
+
+
+def register_layout(name: str, detect: Callable[[Path], bool],
+                    open: Callable[[Path, RunConfig | None], CheckpointReader]) -> None:  # noqa: A002
+    """Add a checkpoint layout; it is tried before the built-in ones."""
+    _REGISTERED.insert(0, Layout(name, detect, open))
+
+
+def layouts() -> list[Layout]:
+    return _REGISTERED + _BUILTIN
+
+
+def open_checkpoint(path: str | Path, run_config: RunConfig | None = None) -> CheckpointReader:
+    """A reader for whatever checkpoint lies at `path`."""
+    p = Path(path)
+    if not p.exists():
+        raise ConvertError(f"checkpoint '{p}' does not exist")
+    if not p.is_dir():
+        raise ConvertError(f"checkpoint '{p}' is a file; pass the checkpoint folder (a run folder, "
+                           "a step_N folder, a DCP folder or a consolidated folder)")
+    for layout in layouts():
+        if layout.detect(p):
+            return layout.open(p, run_config)
+    if (p / "checkpoints").is_dir():
+        raise ConvertError(f"'{p}' looks like a run folder but has no config.toml; pass --config")
+    raise ConvertError(f"'{p}' is not a checkpoint this version can read (known layouts: "
+                       f"{', '.join(lay.name for lay in layouts())})")
+
+
+__all__ = ["Layout", "register_layout", "layouts", "open_checkpoint"]

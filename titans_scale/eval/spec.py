@@ -1,0 +1,67 @@
+"""What a recall sweep asks: suite, lengths, depths, needle format (no torch at import, so
+the CLI parser stays light)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from titans_scale.errors import ConfigError
+
+SUITES = ("niah", "recall")
+NEEDLES = ("passkey", "number", "word")
+HAYSTACKS = ("noise", "corpus")
+
+
+@dataclass
+class SweepSpec:
+    suite: str                                   # niah | recall
+    lengths: list[int]
+    depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    samples: int = 20
+    seed: int = 10_000
+    needle: str = "passkey"                      # niah: passkey | number | word
+    haystack: str = "noise"                      # noise | corpus
+    digits: int = 5                              # pass key / magic number / MQAR value digits
+    pairs: int = 0                               # recall: key-value pairs; 0 = min(8, length // 96)
+    piece: int = 2048                            # tokens fed to the model per call
+
+    def validate(self) -> "SweepSpec":
+        def bad(name, msg):
+            raise ConfigError(f"{name}: {msg}")
+        if self.suite not in SUITES:
+            bad("--suite", f"'{self.suite}' is not a recall suite; use {' or '.join(SUITES)}")
+        if not self.lengths or any(n < 1 for n in self.lengths):
+            bad("--lengths", f"need positive token counts, got {self.lengths}")
+        if not self.depths or any(not 0.0 <= d <= 1.0 for d in self.depths):
+            bad("--depths", f"need depths in [0, 1], got {self.depths}")
+        if self.samples < 1:
+            bad("--samples", f"must be >= 1, got {self.samples}")
+        if self.needle not in NEEDLES:
+            bad("--needle", f"'{self.needle}' is not known; use {', '.join(NEEDLES)}")
+        if self.haystack not in HAYSTACKS:
+            bad("--haystack", f"'{self.haystack}' is not known; use {' or '.join(HAYSTACKS)}")
+        if self.digits < 1:
+            bad("--digits", f"must be >= 1, got {self.digits}")
+        if self.piece < 1:
+            bad("--piece", f"must be >= 1, got {self.piece}")
+        return self
+
+    @property
+    def answer_kind(self) -> str:
+        return "mqar" if self.suite == "recall" else self.needle
+
+    def num_pairs(self, length: int) -> int:
+        return self.pairs or max(1, min(8, length // 96))
+
+    def sample(self, tokenizer, length: int, depth: float | None, i: int):
+        """Sample i of a (length, depth) cell: seeded by seed + i, the same at every depth."""
+        from titans_scale.data.synthetic import mqar_sample, needle_sample
+
+        if self.suite == "niah":
+            return needle_sample(tokenizer, length, self.seed + i, needle=self.needle, depth=depth,
+                                 haystack=self.haystack, digits=self.digits)
+        return mqar_sample(tokenizer, length, self.seed + i, num_pairs=self.num_pairs(length),
+                           haystack=self.haystack, value_digits=self.digits)
+
+
+__all__ = ["SweepSpec", "SUITES", "NEEDLES", "HAYSTACKS"]

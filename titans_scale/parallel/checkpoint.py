@@ -1,0 +1,199 @@
+"""Sharded checkpoints of a distributed run that load into another TP / PP / DP layout.
+
+megatron engine: megatron-core dist_checkpointing (torch_dist format). Each rank contributes
+ShardedTensors keyed by the single-device TitansLM parameter name, with its global offset
+along the TP partition dim (a parameter's place in the pipeline never enters the key, so
+pipeline splits may change); the distributed optimizer maps its Adam moments and fp32 main
+weights onto the same keys (``DistributedOptimizer.sharded_state_dict``). On load, every rank
+asks for its own new shards and dist_checkpointing reads the overlapping pieces: that is the
+resharding. The vocabulary padding (layout.VOCAB_MULTIPLE) is the same under every power-of-2
+TP size, so the embedding reshards too.
+
+deepspeed engine: DeepSpeed's own ``save_checkpoint`` / ``load_checkpoint`` (ZeRO partitions
+of the optimizer state per DP rank); it resumes in the same layout only, and a different
+layout is refused with a one-line error (DeepSpeed's universal-checkpoint conversion is the
+way to change it).
+
+Both write into ``<run_dir>/checkpoints/.step_N.tmp`` and move into place atomically with a
+manifest of checksums (train/checkpoint.py), exactly like single-process checkpoints; the
+``latest`` pointer moves last. The trainer state (step, data position) travels as the common
+state of the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from titans_scale.errors import CheckpointError
+from titans_scale.parallel.gather import _unwrap
+from titans_scale.parallel.layout import Layout
+from titans_scale.train.checkpoint import LATEST, _fsync_dir, verify_manifest, write_manifest
+
+__all__ = ["ShardedCheckpointer", "model_sharded_state_dict"]
+
+LAYOUT_FILE = "layout.json"
+
+
+class _ExpectedCommonStateDifference(logging.Filter):
+    """The distributed optimizer's mem-efficient (gloo) save gathers its state on DP rank 0 only,
+    so the other ranks' common state has ``param_state = None``; megatron's validation then logs
+    a difference that is by design. Drop exactly that message (nothing mismatched)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not ("common state dict differs" in msg and "Mismatched keys: []" in msg
+                    and "('optimizer', 'param_state')" in msg)
+
+
+logging.getLogger("megatron.core.dist_checkpointing.validation").addFilter(_ExpectedCommonStateDifference())
+
+
+def model_sharded_state_dict(chunks) -> dict:
+    """{TitansLM name: ShardedTensor over this rank's shard} for every parameter of `chunks`.
+    replica_id is (pipeline copy, TP replica, DP replica): (0, 0, 0) marks the one writer."""
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    tp_rank, tp = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)   # CP ranks hold replicas too
+    out: dict = {}
+    for chunk in chunks:
+        stage = _unwrap(chunk)
+        for name, p in stage.named_parameters():
+            full = stage.full_name(name)
+            pipe_copy = 0
+            if full is None:                       # last stage's copy of the tied embedding
+                full, pipe_copy = "embed.weight", 1
+            if getattr(p, "tensor_model_parallel", False):
+                out[f"{full}@{pipe_copy}"] = ShardedTensor.from_rank_offsets(
+                    full, p, (p.partition_dim, tp_rank, tp), replica_id=(pipe_copy, 0, dp_rank))
+            else:
+                out[f"{full}@{pipe_copy}"] = ShardedTensor.from_rank_offsets(
+                    full, p, replica_id=(pipe_copy, tp_rank, dp_rank))
+    return out
+
+
+class ShardedCheckpointer:
+    def __init__(self, run_dir: str | Path, engine, layout: Layout, keep: int = 2):
+        self.dir = Path(run_dir) / "checkpoints"
+        self.engine, self.layout, self.keep = engine, layout, keep
+
+    # -- paths ------------------------------------------------------------------------------
+    def latest(self) -> Path | None:
+        f = self.dir / LATEST
+        if not f.is_file():
+            return None
+        name = f.read_text().strip()
+        if not name or "/" in name or not (self.dir / name).is_dir():
+            raise CheckpointError(f"'{f}' names '{name}', which is not a checkpoint folder; "
+                                  "point it at an existing step_* folder or delete it to start afresh")
+        return self.dir / name
+
+    # -- save -------------------------------------------------------------------------------
+    def save(self, step: int, trainer_state: dict) -> Path:
+        rank = dist.get_rank()
+        name = f"step_{step:08d}"
+        final, tmp = self.dir / name, self.dir / f".{name}.tmp"
+        if rank == 0:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "model_optim").mkdir(parents=True)      # dist_checkpointing wants it to exist
+        dist.barrier()
+        if self.engine.name == "megatron":
+            self._save_megatron(tmp / "model_optim", trainer_state)
+        else:
+            self._save_deepspeed(tmp / "model_optim", trainer_state)
+        dist.barrier()
+        if rank == 0:
+            (tmp / LAYOUT_FILE).write_text(json.dumps(self._layout_record(), indent=1))
+            write_manifest(tmp)
+            _fsync_dir(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            pointer = self.dir / f".{LATEST}.tmp"
+            pointer.write_text(name)
+            os.replace(pointer, self.dir / LATEST)
+            _fsync_dir(self.dir)
+            self._prune(name)
+        dist.barrier()
+        return final
+
+    def _layout_record(self) -> dict:
+        lay = self.layout
+        return {"engine": lay.engine, "tp": lay.tp, "pp": lay.pp, "vpp": lay.vpp, "dp": lay.dp,
+                "zero_stage": lay.zero_stage if lay.engine == "deepspeed" else None,
+                "format": "megatron-dist-checkpointing" if lay.engine == "megatron" else "deepspeed"}
+
+    def _save_megatron(self, folder: Path, trainer_state: dict) -> None:
+        from megatron.core import dist_checkpointing
+
+        model_sd = model_sharded_state_dict(self.engine.chunks)
+        state = {"model": model_sd, "optimizer": self.engine.optimizer_state_for_checkpoint(model_sd),
+                 "trainer": trainer_state}
+        dist_checkpointing.save(state, str(folder))
+
+    def _save_deepspeed(self, folder: Path, trainer_state: dict) -> None:
+        self.engine.engine.save_checkpoint(str(folder), tag="state", client_state={"trainer": trainer_state},
+                                           save_latest=False)
+
+    def _prune(self, keep_name: str) -> None:
+        done = sorted(p for p in self.dir.glob("step_*") if p.is_dir())
+        for p in done[:-self.keep]:
+            if p.name != keep_name:
+                shutil.rmtree(p, ignore_errors=True)
+        for p in self.dir.glob(".step_*.tmp"):
+            shutil.rmtree(p, ignore_errors=True)
+
+    # -- load -------------------------------------------------------------------------------
+    def load(self, folder: Path) -> dict:
+        """Load model + optimizer into this layout; returns the trainer state."""
+        if dist.get_rank() == 0:
+            verify_manifest(folder)
+        dist.barrier()
+        saved = json.loads((folder / LAYOUT_FILE).read_text()) if (folder / LAYOUT_FILE).is_file() else None
+        if saved is None:
+            raise CheckpointError(f"checkpoint '{folder}' has no {LAYOUT_FILE}: it is not a distributed "
+                                  "checkpoint; resume it with one process (no torchrun)")
+        if saved["format"] == "megatron-dist-checkpointing" and self.engine.name == "megatron":
+            return self._load_megatron(folder / "model_optim")
+        if saved["format"] == "deepspeed" and self.engine.name == "deepspeed":
+            now = self._layout_record()
+            if saved != now:
+                raise CheckpointError(
+                    f"checkpoint '{folder}' was written by DeepSpeed with layout {saved}; this run is {now}. "
+                    "DeepSpeed checkpoints resume in the same layout only (use parallel.engine='megatron' "
+                    "for resharding checkpoints)")
+            return self._load_deepspeed(folder / "model_optim")
+        raise CheckpointError(f"checkpoint '{folder}' was written by the {saved['engine']} engine; this run "
+                              f"uses parallel.engine='{self.engine.name}': resume with the same engine")
+
+    def _load_megatron(self, folder: Path) -> dict:
+        from megatron.core import dist_checkpointing
+
+        model_sd = model_sharded_state_dict(self.engine.chunks)
+        state = {"model": model_sd, "optimizer": self.engine.optimizer_state_for_checkpoint(model_sd, loading=True),
+                 "trainer": None}
+        try:
+            loaded = dist_checkpointing.load(state, str(folder))
+        except Exception as e:  # dist_checkpointing raises deep errors for missing keys / shapes
+            raise CheckpointError(f"checkpoint '{folder.parent}' does not fit this model: "
+                                  f"{str(e).splitlines()[0][:300]}") from None
+        with torch.no_grad():
+            for key, sh in model_sd.items():
+                sh.data.copy_(loaded["model"][key])
+        self.engine.load_optimizer_state(loaded["optimizer"])
+        return loaded["trainer"]
+
+    def _load_deepspeed(self, folder: Path) -> dict:
+        _, client = self.engine.engine.load_checkpoint(str(folder), tag="state")
+        if client is None:
+            raise CheckpointError(f"DeepSpeed could not load '{folder}'")
+        return client["trainer"]

@@ -1,0 +1,125 @@
+"""One model chunk of a parallel TitansLM: what a pipeline (virtual) stage runs on one rank.
+
+A chunk holds, in sequence-first layout [L(/tp), B, D]:
+* the first stage: the vocabulary-parallel embedding (megatron's VocabParallelEmbedding; with
+  sequence parallelism it reduce-scatters straight into sequence shards);
+* its blocks (tensor_parallel.ParallelBlock), kept under their global index so every
+  parameter has the same name as in the single-device TitansLM;
+* the last stage: the final norm, the vocabulary-parallel output head (column-parallel; the
+  embedding's weight when tied and on the same stage, else a copy kept in sync by megatron's
+  embedding-group all-reduce) and megatron's vocab_parallel_cross_entropy. It returns the
+  per-token losses [L, B]; other stages return their activations.
+
+The vocabulary is padded (layout.padded_vocab_size) so it splits over TP; padded rows start at
+zero and their logits are masked to -inf, so the loss equals the unpadded model's exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from megatron.core.enums import ModelType
+from megatron.core.tensor_parallel import VocabParallelEmbedding, vocab_parallel_cross_entropy
+
+from titans_scale.model import TitansLM
+from titans_scale.parallel.tensor_parallel import (
+    ColumnParallel,
+    TPSummedRMSNorm,
+    autocast_input,
+    mark_tp,
+    parallelize_block,
+    shard,
+    tp_rank_size,
+)
+
+__all__ = ["TitansStage"]
+
+
+def _pad_rows(w: torch.Tensor, rows: int) -> torch.Tensor:
+    return torch.cat([w.detach(), w.new_zeros(rows - w.shape[0], *w.shape[1:])]) if rows > w.shape[0] else w
+
+
+class TitansStage(nn.Module):
+    """Model chunk for megatron's schedules (set_input_tensor, config, model_type)."""
+
+    def __init__(self, full: TitansLM, layer_ids: list[int], *, first: bool, last: bool, config,
+                 layer_config, vocab_padded: int):
+        super().__init__()
+        cfg = full.cfg
+        sp = config.sequence_parallel
+        self.config, self.layer_config = config, layer_config
+        self.model_type = ModelType.encoder_or_decoder
+        self.pre_process, self.post_process = first, last
+        self.sequence_parallel = sp
+        self.vocab_size, self.vocab_padded = cfg.vocab_size, vocab_padded
+        self.tied = cfg.tie_embeddings
+        # megatron's finalize_model_grads all-reduces this weight's gradient between the first and
+        # last pipeline stage when they hold separate copies.
+        self.share_embeddings_and_output_weights = self.tied
+        self.layer_ids = list(layer_ids)
+        self.input_tensor: torch.Tensor | None = None
+
+        if first:
+            self.embed = VocabParallelEmbedding(vocab_padded, cfg.d_model, init_method=lambda w: None,
+                                                config=config, reduce_scatter_embeddings=sp)
+            with torch.no_grad():
+                self.embed.weight.copy_(shard(_pad_rows(full.embed.weight, vocab_padded), 0))
+            mark_tp(self.embed.weight, 0)
+        self.blocks = nn.ModuleDict({str(i): parallelize_block(full.blocks[i], layer_config, config)
+                                     for i in layer_ids})
+        if last:
+            self.norm = TPSummedRMSNorm.from_norm(full.norm) if sp else full.norm
+            source = full.embed.weight if self.tied else full.head.weight
+            own_weight = not (self.tied and first)
+            self.head = ColumnParallel(cfg.d_model, vocab_padded, config=config, init_method=lambda w: None,
+                                       bias=False, gather_output=False, skip_weight_param_allocation=not own_weight)
+            if own_weight:
+                with torch.no_grad():
+                    self.head.weight.copy_(shard(_pad_rows(source, vocab_padded), 0))
+                mark_tp(self.head.weight, 0)
+                if self.tied:   # a copy of the first stage's embedding (megatron's naming)
+                    self.head.weight.shared = True
+                    self.head.weight.shared_embedding = True
+                    self.head.weight.ds_pipe_replicated = True   # DeepSpeed: count it once in norms
+
+    # -- megatron schedule / finalize_model_grads API ------------------------------------------
+    def set_input_tensor(self, input_tensor) -> None:
+        self.input_tensor = input_tensor[0] if isinstance(input_tensor, (list, tuple)) else input_tensor
+
+    def shared_embedding_or_output_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.pre_process else self.head.weight
+
+    # -- forward ----------------------------------------------------------------------------
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens, targets: [B, L] (only the first / last stage reads them).
+        Returns per-token losses [L, B] on the last stage, else activations [L(/tp), B, D]."""
+        if self.pre_process:
+            x = self.embed(tokens)                     # [B, L, D], or [L/tp, B, D] with SP
+            if not self.sequence_parallel:
+                x = x.transpose(0, 1).contiguous()
+        else:
+            x = self.input_tensor
+        for block in self.blocks.values():
+            x = block(x)
+        if not self.post_process:
+            return x
+        x = autocast_input(self.norm(x))
+        weight = self.embed.weight if (self.tied and self.pre_process) else None
+        logits = self.head(x, weight=weight)          # [L, B, V_padded / tp]
+        logits = self._mask_padding(logits.float())
+        return vocab_parallel_cross_entropy(logits, targets.t().contiguous())
+
+    def _mask_padding(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.vocab_padded == self.vocab_size:
+            return logits
+        rank, _ = tp_rank_size()
+        per = logits.shape[-1]
+        col = torch.arange(rank * per, (rank + 1) * per, device=logits.device)
+        return logits.masked_fill(col >= self.vocab_size, float("-inf"))
+
+    def full_name(self, name: str) -> str | None:
+        """The single-device TitansLM name of this chunk's parameter `name`, or None for the
+        last stage's copy of a tied embedding (the first stage owns it)."""
+        if name == "head.weight" and self.tied:
+            return None
+        return name

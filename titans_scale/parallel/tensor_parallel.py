@@ -1,0 +1,223 @@
+"""Tensor (and sequence) parallelism for TitansLM blocks, applied from outside the model.
+
+``parallelize_block(block, layer_cfg, seq_cfg)`` takes one Block of a fully built TitansLM and
+swaps its submodules for megatron-core tensor-parallel layers that hold this rank's shard of
+the same weights (torchtitan's parallelize pattern; the model's maths is untouched):
+
+* attention: ``qkv`` column-parallel (rows are head-major [h, 3, dh], so a rank's rows are its
+  heads), ``out`` row-parallel. Persistent tokens are D-wide inputs: replicated, and they
+  reach the heads only through ``qkv``, whose backward sums their gradient over TP.
+* neural memory: ``qkv`` ([H, 3, d] rows), ``gates`` ([H, 3] rows, with bias) and
+  ``out_gate`` column-parallel, ``out`` row-parallel; the depthwise ``conv`` (one channel
+  per projection row) and ``init_weights`` W^0 ([H, in, out]) keep the rank's heads; the
+  per-head ``out_norm`` weight is shared by all heads, so it stays whole and its gradient is
+  summed over TP (``TPSummedRMSNorm``). Each rank therefore runs ``memory_scan`` on whole
+  heads of its own: the memory update needs no communication (tests count it).
+* SwiGLU: ``w_gate`` / ``w_up`` column-parallel, ``w_down`` row-parallel.
+
+Activations between blocks are sequence-first, [L, B, D] as in Megatron. With sequence
+parallelism the residual stream and the norms hold L/tp tokens per rank: the SwiGLU's megatron
+layers all-gather / reduce-scatter along the sequence themselves (``seq_cfg`` has
+``sequence_parallel=True``); a mixer runs on the whole sequence (MAC cuts it into segments,
+MAG/MAL/MAC re-enter the head-sharded region inside), so the block all-gathers its input
+before the mixer and keeps its rank's slice of the output (megatron's
+gather_from_sequence_parallel_region / scatter_to_sequence_parallel_region). Norm weights
+that see only a slice of the sequence have their gradient summed over TP in the backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+    scatter_to_sequence_parallel_region,
+)
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+from titans_scale.model.attention import Attention
+from titans_scale.model.layers import CausalDepthwiseConv, RMSNorm, SwiGLU
+from titans_scale.model.memory import NeuralMemory
+
+__all__ = ["ColumnParallel", "ParallelBlock", "autocast_input", "RowParallel", "TPEntry", "TPSummedRMSNorm",
+           "column_from", "mark_tp", "tp_rank_size", "parallelize_block", "row_from", "shard"]
+
+
+def tp_rank_size() -> tuple[int, int]:
+    return (parallel_state.get_tensor_model_parallel_rank(),
+            parallel_state.get_tensor_model_parallel_world_size())
+
+
+def shard(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """This TP rank's contiguous block of `t` along `dim` (a rank's heads are contiguous rows)."""
+    rank, size = tp_rank_size()
+    return t.detach().chunk(size, dim=dim)[rank]
+
+
+def _no_init(weight: torch.Tensor) -> None:
+    """Weights are copied from the built single-device model; nothing to draw."""
+
+
+def mark_tp(param: torch.Tensor, dim: int) -> torch.Tensor:
+    """Tag a TP-sharded parameter the way megatron's initialisers do (they are skipped with
+    perform_initialization=False); optimizers, grad-norm code and checkpoints read the tags."""
+    if not getattr(param, "tensor_model_parallel", False):
+        for attr in ("tensor_model_parallel", "partition_dim", "partition_stride"):
+            if hasattr(param, attr):
+                delattr(param, attr)
+        set_tensor_model_parallel_attributes(param, is_parallel=True, dim=dim, stride=1)
+    return param
+
+
+class ColumnParallel(ColumnParallelLinear):
+    """megatron's ColumnParallelLinear called like nn.Linear: returns the output only."""
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        out, _ = super().forward(x, weight=weight)     # bias (if any) is added inside
+        return out
+
+
+class RowParallel(RowParallelLinear):
+    """megatron's RowParallelLinear (input already split by heads) called like nn.Linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = super().forward(x)
+        return out
+
+
+class TPEntry(nn.Module):
+    """Entry of a head-sharded region: identity forward, gradient all-reduced over TP."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return copy_to_tensor_model_parallel_region(x)
+
+
+class TPSummedRMSNorm(RMSNorm):
+    """RMSNorm whose (replicated) weight sees only part of the work on each TP rank: a slice of
+    the sequence (sequence parallel) or the rank's heads (memory out_norm). The weight passes
+    through megatron's copy_to_tensor_model_parallel_region, so autograd sums its gradient over
+    TP; that works under every data-parallel engine, ZeRO's gradient hooks included."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+        return normed * copy_to_tensor_model_parallel_region(self.weight)
+
+    @classmethod
+    def from_norm(cls, norm: RMSNorm) -> "TPSummedRMSNorm":
+        new = cls(norm.weight.shape[0], norm.eps)
+        with torch.no_grad():
+            new.weight.copy_(norm.weight)
+        return new
+
+
+def column_from(dense: nn.Linear, config) -> ColumnParallel:
+    """A column-parallel layer holding this rank's rows of `dense` (and of its bias)."""
+    layer = ColumnParallel(dense.in_features, dense.out_features, config=config, init_method=_no_init,
+                           bias=dense.bias is not None, gather_output=False, skip_bias_add=False)
+    with torch.no_grad():
+        layer.weight.copy_(shard(dense.weight, 0))
+        if dense.bias is not None:
+            layer.bias.copy_(shard(dense.bias, 0))
+    mark_tp(layer.weight, 0)
+    if dense.bias is not None:
+        mark_tp(layer.bias, 0)
+    return layer
+
+
+def row_from(dense: nn.Linear, config) -> RowParallel:
+    """A row-parallel layer holding this rank's input columns of `dense` (no bias in Titans)."""
+    if dense.bias is not None:
+        raise ValueError("row_from: Titans' output projections have no bias")
+    layer = RowParallel(dense.in_features, dense.out_features, config=config, init_method=_no_init,
+                        bias=False, input_is_parallel=True, skip_bias_add=False)
+    with torch.no_grad():
+        layer.weight.copy_(shard(dense.weight, 1))
+    mark_tp(layer.weight, 1)
+    return layer
+
+
+def _head_param(p: torch.Tensor, dim: int) -> nn.Parameter:
+    """A Parameter with this rank's heads of `p`, tagged like megatron's own TP params."""
+    return mark_tp(nn.Parameter(shard(p, dim).clone()), dim)
+
+
+def _parallelize_attention(attn: Attention, config) -> None:
+    attn.qkv = column_from(attn.qkv, config)
+    attn.out = row_from(attn.out, config)
+
+
+def _parallelize_memory(mem: NeuralMemory, config) -> None:
+    mem.qkv = column_from(mem.qkv, config)
+    conv = CausalDepthwiseConv(mem.qkv.weight.shape[0], mem.conv.kernel)
+    conv.weight, conv.bias = _head_param(mem.conv.weight, 0), _head_param(mem.conv.bias, 0)
+    mem.conv = conv
+    mem.gates = column_from(mem.gates, config)
+    mem.init_weights = nn.ParameterList([_head_param(w, 0) for w in mem.init_weights])
+    mem.out_norm = TPSummedRMSNorm.from_norm(mem.out_norm)
+    mem.out_gate = column_from(mem.out_gate, config)
+    mem.out = row_from(mem.out, config)
+    mem.q_input = TPEntry()
+
+
+def _parallelize_ffn(ffn: SwiGLU, config) -> None:
+    ffn.w_gate = column_from(ffn.w_gate, config)
+    ffn.w_up = column_from(ffn.w_up, config)
+    ffn.w_down = row_from(ffn.w_down, config)
+
+
+def autocast_input(x: torch.Tensor) -> torch.Tensor:
+    """Under autocast, cast the input of a sequence-parallel column layer to the autocast dtype:
+    megatron's backward reduce-scatters the input gradient (autocast dtype) into a buffer of the
+    input's dtype, and gloo/NCCL refuse mixed dtypes. Megatron itself runs bf16 weights, no
+    autocast, so never meets this."""
+    kind = x.device.type
+    if torch.is_autocast_enabled(kind):
+        return x.to(torch.get_autocast_dtype(kind))
+    return x
+
+
+class ParallelBlock(nn.Module):
+    """A Block on sequence-first activations [L(/tp), B, D]; same parameter names as Block."""
+
+    def __init__(self, block, sequence_parallel: bool):
+        super().__init__()
+        self.kind = block.kind
+        self.sequence_parallel = sequence_parallel
+        self.norm_mix, self.mixer = block.norm_mix, block.mixer
+        self.norm_ffn, self.ffn = block.norm_ffn, block.ffn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm_mix(x)
+        if self.sequence_parallel:
+            # Every consumer of h inside the mixer is a column-parallel layer whose backward
+            # already sums over TP, so the gather's backward only splits (no reduce-scatter).
+            h = gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=False)
+        out, _ = self.mixer(h.transpose(0, 1).contiguous(), None, 0)      # mixers are batch-first
+        out = out.transpose(0, 1)
+        if self.sequence_parallel:
+            out = scatter_to_sequence_parallel_region(out)
+        x = x + out
+        return x + self.ffn(autocast_input(self.norm_ffn(x)))
+
+
+def parallelize_block(block, layer_cfg, seq_cfg) -> ParallelBlock:
+    """Swap `block`'s submodules for TP layers (in place) and wrap it for [L, B, D] inputs.
+
+    layer_cfg: megatron config for the mixer's layers (sequence_parallel=False: mixers see the
+    whole sequence); seq_cfg: the config for the SwiGLU (sequence_parallel as the layout says).
+    """
+    for module in list(block.mixer.modules()):
+        if isinstance(module, Attention):
+            _parallelize_attention(module, layer_cfg)
+        elif isinstance(module, NeuralMemory):
+            _parallelize_memory(module, layer_cfg)
+    _parallelize_ffn(block.ffn, seq_cfg)
+    if seq_cfg.sequence_parallel:
+        block.norm_mix = TPSummedRMSNorm.from_norm(block.norm_mix)
+        block.norm_ffn = TPSummedRMSNorm.from_norm(block.norm_ffn)
+    return ParallelBlock(block, seq_cfg.sequence_parallel)
