@@ -40,7 +40,7 @@ def test_causality(mixer, depth):
     model = tiny_model(mixer, mem_depth=depth)
     tok = torch.randint(0, 259, (1, 30))
     ref, _ = model(tok)
-    for j in (1, 4, 7, 8, 13, 22, 29):       # mid-chunk, chunk and segment boundaries, last
+    for j in (1, 7, 8, 17, 29):              # mid-chunk, chunk and segment boundaries, last
         t2 = tok.clone()
         t2[0, j] = (t2[0, j] + 1) % 259
         out, _ = model(t2)
