@@ -35,7 +35,7 @@ from megatron.core import parallel_state as ps
 from titans_scale.errors import CheckpointError
 from titans_scale.parallel.gather import _unwrap
 from titans_scale.parallel.layout import Layout
-from titans_scale.train.checkpoint import LATEST, _fsync_dir, verify_manifest, write_manifest
+from titans_scale.train.checkpoint import LATEST, _fsync_dir, latest_checkpoint, verify_manifest, write_manifest
 
 __all__ = ["ShardedCheckpointer", "model_sharded_state_dict"]
 
@@ -87,14 +87,7 @@ class ShardedCheckpointer:
 
     # -- paths ------------------------------------------------------------------------------
     def latest(self) -> Path | None:
-        f = self.dir / LATEST
-        if not f.is_file():
-            return None
-        name = f.read_text().strip()
-        if not name or "/" in name or not (self.dir / name).is_dir():
-            raise CheckpointError(f"'{f}' names '{name}', which is not a checkpoint folder; "
-                                  "point it at an existing step_* folder or delete it to start afresh")
-        return self.dir / name
+        return latest_checkpoint(self.dir)
 
     # -- save -------------------------------------------------------------------------------
     def save(self, step: int, trainer_state: dict) -> Path:

@@ -97,20 +97,25 @@ def _safe_dcp_load(state: dict, folder: Path, what: str) -> None:
         raise CheckpointError(str(e)) from None
 
 
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The folder `latest` names (None before the first complete checkpoint)."""
+    f = ckpt_dir / LATEST
+    if not f.is_file():
+        return None
+    name = f.read_text().strip()
+    if not name or "/" in name or not (ckpt_dir / name).is_dir():
+        raise CheckpointError(f"'{f}' names '{name}', which is not a checkpoint folder; "
+                              "point it at an existing step_* folder or delete it to start afresh")
+    return ckpt_dir / name
+
+
 class CheckpointManager:
     def __init__(self, run_dir: str | Path, keep: int = 2):
         self.dir = Path(run_dir) / "checkpoints"
         self.keep = keep
 
     def latest(self) -> Path | None:
-        f = self.dir / LATEST
-        if not f.is_file():
-            return None
-        name = f.read_text().strip()
-        if not name or "/" in name or not (self.dir / name).is_dir():
-            raise CheckpointError(f"'{f}' names '{name}', which is not a checkpoint folder; "
-                                  "point it at an existing step_* folder or delete it to start afresh")
-        return self.dir / name
+        return latest_checkpoint(self.dir)
 
     def save(self, step: int, model, optimizer, trainer_state: dict) -> Path:
         self.dir.mkdir(parents=True, exist_ok=True)
