@@ -21,6 +21,10 @@ class DataConfig:
     seq_len: int = 256
     batch_size: int = 8               # per data-parallel rank
     recall_fraction: float = 0.0      # share of each batch drawn from the synthetic recall task
+    recall_task: str = "mqar"         # mqar | needle (pass key)
+    recall_loss: str = "lm"           # lm (every token) | answers (only the answer tokens of recall rows)
+    recall_digits: int = 0            # pass-key / value digits; 0 = the task's default
+    recall_haystack: str = "noise"    # noise | corpus
 
 
 @dataclass
