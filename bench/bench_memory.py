@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import machine, peak_rss_mb, run_child, table, timed, write  # noqa: E402
+from common import machine, parse_bench_args, peak_rss_mb, run_child, table, timed, write  # noqa: E402
 
 SHAPE = dict(d_model=256, n_heads=4, mem_depth=2, mem_expansion=4, chunk_size=64)
 
@@ -76,13 +76,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", default="1024,4096,16384,65536")
     ap.add_argument("--naive-max", type=int, default=1024)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--timeout", type=float, default=900)
-    ap.add_argument("--child")
-    a = ap.parse_args()
-    if a.child:
-        print(json.dumps(child(json.loads(a.child))))
-        return
+    a = parse_bench_args(ap, child)
     rows = []
     for what in ("op", "layer"):
         for L in map(int, a.lengths.split(",")):

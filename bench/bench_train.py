@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
 
-from common import machine, peak_rss_mb, run_child, table, timed, write  # noqa: E402
+from common import machine, parse_bench_args, peak_rss_mb, run_child, table, timed, write  # noqa: E402
 
 VARIANTS = {
     "mag": ["swa", "mag", "swa", "mag"],
@@ -73,13 +73,7 @@ def main() -> None:
     ap.add_argument("--configs", default="tiny,small")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--lengths", default="1024,2048,4096,8192,16384")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--timeout", type=float, default=900)
-    ap.add_argument("--child")
-    a = ap.parse_args()
-    if a.child:
-        print(json.dumps(child(json.loads(a.child))))
-        return
+    a = parse_bench_args(ap, child)
     from titans_scale.config import load_run_config
     rows = []
     for conf in a.configs.split(","):

@@ -27,6 +27,19 @@ def run_child(script: str, args: dict, timeout: float) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def parse_bench_args(ap, child_fn):
+    """Add --threads/--timeout/--child and parse; a child process (--child JSON) runs
+    child_fn on its arguments, prints the JSON result and exits."""
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--child")
+    a = ap.parse_args()
+    if a.child:
+        print(json.dumps(child_fn(json.loads(a.child))))
+        raise SystemExit(0)
+    return a
+
+
 def peak_rss_mb() -> float:
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
