@@ -25,6 +25,7 @@ class DataConfig:
     recall_loss: str = "lm"           # lm (every token) | answers (only the answer tokens of recall rows)
     recall_digits: int = 0            # pass-key / value digits; 0 = the task's default
     recall_haystack: str = "noise"    # noise | corpus
+    corpus_loss_fraction: float = 1.0  # share of corpus-row targets with loss (< 1 weights recall up)
 
 
 @dataclass

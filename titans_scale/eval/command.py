@@ -85,7 +85,6 @@ def run_eval(cfg, model, args) -> dict:
     if not specs:
         return out
     from titans_scale.data.tokenizer import load_tokenizer
-
     from titans_scale.eval.report import heatmap, write_json
     from titans_scale.eval.sweep import run_sweep
 

@@ -79,9 +79,9 @@ def markdown_table(runs: list[RunSummary]) -> str:
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in runs:
         beyond = r.beyond_cells(far)
-        n = sum(c["samples"] for c in beyond)
+        n = sum(c["answers"] for c in beyond)
         acc = sum(c["correct"] for c in beyond) / n if n else None
-        every = sum(c["correct"] for c in r.sweep["cells"]) / max(1, sum(c["samples"] for c in r.sweep["cells"]))
+        every = sum(c["correct"] for c in r.sweep["cells"]) / max(1, sum(c["answers"] for c in r.sweep["cells"]))
         rows.append(f"| {r.name} | {', '.join(r.layers)} | {'yes' if r.memory else 'no'} | {r.steps} | "
                     f"{r.train_seconds / 60:.1f} min | {'n/a' if r.val_loss is None else f'{r.val_loss:.3f}'} | "
                     f"{_pct(acc)} (n={n}) | {_pct(every)} | {_pct(r.sweep['chance'])} |")
@@ -112,23 +112,31 @@ def plot_distance(runs: list[RunSummary], path: Path) -> Path:
     ax.set_ylim(-0.03, 1.08)
     ax.set_xlabel("tokens between the needle and the question's answer")
     ax.set_ylabel("exact-match accuracy")
-    ax.legend(fontsize=7, loc="center left")
+    ax.legend(fontsize=7, loc="center right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
+def _ema(xs: list[float], keep: float = 0.8) -> list[float]:
+    out, m = [], None
+    for x in xs:
+        m = x if m is None else keep * m + (1 - keep) * x
+        out.append(m)
+    return out
+
+
 def plot_losses(runs: list[RunSummary], run_dirs: list[Path], path: Path) -> Path:
-    """Training loss (corpus + recall answers) per step, one line per run."""
+    """Training loss (corpus + recall answers, smoothed) per step, one line per run."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     for r, d in zip(runs, run_dirs):
         train = [x for x in _records(d) if x["kind"] == "train"]
-        ax.plot([x["step"] for x in train], [x["loss"] for x in train], "-" if r.memory else "--",
+        ax.plot([x["step"] for x in train], _ema([x["loss"] for x in train]), "-" if r.memory else "--",
                 label=f"{r.name} ({'/'.join(r.layers)})", lw=1.2)
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel("training loss (moving average)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

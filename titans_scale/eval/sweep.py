@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -31,14 +31,15 @@ from titans_scale.eval.spec import SweepSpec
 from titans_scale.train.evaluate import stream_predictions
 from titans_scale.train.hardware import peak_rss_bytes
 
+
 @dataclass
 class Cell:
     length: int
     depth: float | None                # None for MQAR (pairs at random places)
     samples: int = 0
     correct: int = 0                   # samples with every answer exactly right
-    answers: int = 0
-    answers_correct: int = 0           # answers exactly right (MQAR asks several per sample)
+    answers: int = 0                   # answers asked (one per needle sample, several per MQAR sample)
+    answers_correct: int = 0           # answers exactly right: `accuracy`, comparable with chance
     tokens: int = 0
     tokens_correct: int = 0            # answer tokens right (greedy, teacher-forced)
     distance_sum: int = 0
@@ -47,11 +48,13 @@ class Cell:
 
     @property
     def accuracy(self) -> float:
-        return self.correct / max(1, self.samples)
+        """Share of answers exactly right (for needles: of samples)."""
+        return self.answers_correct / max(1, self.answers)
 
     @property
-    def answer_accuracy(self) -> float:
-        return self.answers_correct / max(1, self.answers)
+    def sample_accuracy(self) -> float:
+        """Share of samples with every answer right (differs from accuracy for MQAR only)."""
+        return self.correct / max(1, self.samples)
 
     @property
     def token_accuracy(self) -> float:
@@ -79,8 +82,8 @@ class Cell:
 
     def to_json(self, beyond: float) -> dict:
         return {"length": self.length, "depth": self.depth, "samples": self.samples,
-                "accuracy": self.accuracy, "answer_accuracy": self.answer_accuracy,
-                "token_accuracy": self.token_accuracy, "correct": self.correct,
+                "answers": self.answers, "correct": self.answers_correct, "accuracy": self.accuracy,
+                "sample_accuracy": self.sample_accuracy, "token_accuracy": self.token_accuracy,
                 "mean_distance": self.distance, "min_distance": self.min_distance,
                 "beyond_attention": bool(self.min_distance > beyond), "seconds": round(self.seconds, 3)}
 
@@ -89,7 +92,7 @@ class Cell:
 class SweepResult:
     spec: SweepSpec
     cells: list[Cell]
-    chance: float                      # exact-match accuracy of a uniform guess, per answer
+    chance: float                      # exact-match accuracy of a uniform guess of one answer
     attention_reach: float             # tokens attention alone can carry information
     beyond: float                      # distance past which a needle is beyond every window
     max_piece: int                     # the most tokens the model was given at once
@@ -107,7 +110,7 @@ class SweepResult:
     def beyond_accuracy(self) -> float | None:
         """Pooled accuracy over the cells whose every needle lies beyond all attention windows."""
         cs = [c for c in self.cells if c.min_distance > self.beyond]
-        return sum(c.correct for c in cs) / sum(c.samples for c in cs) if cs else None
+        return sum(c.answers_correct for c in cs) / sum(c.answers for c in cs) if cs else None
 
     def to_json(self) -> dict:
         return {"spec": dataclasses.asdict(self.spec), "chance": self.chance,

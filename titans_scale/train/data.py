@@ -41,10 +41,9 @@ class RecallMix:
     @classmethod
     def of(cls, cfg: RunConfig) -> "RecallMix":
         d = cfg.data
-        mix = cls(rows=round(d.recall_fraction * d.batch_size),
-                  task=getattr(d, "recall_task", "mqar"), loss=getattr(d, "recall_loss", "lm"),
-                  digits=getattr(d, "recall_digits", 0), haystack=getattr(d, "recall_haystack", "noise"),
-                  corpus_loss=getattr(d, "corpus_loss_fraction", 1.0))
+        mix = cls(rows=round(d.recall_fraction * d.batch_size), task=d.recall_task, loss=d.recall_loss,
+                  digits=d.recall_digits, haystack=d.recall_haystack,
+                  corpus_loss=d.corpus_loss_fraction)
         checks = [("recall_task", mix.task, ("mqar", "needle")), ("recall_loss", mix.loss, ("lm", "answers")),
                   ("recall_haystack", mix.haystack, ("noise", "corpus"))]
         for name, value, allowed in checks:
@@ -75,9 +74,11 @@ class RunData:
                               f"{self.tokenizer.vocab_size}")
         self.recall = RecallMix.of(cfg)
         par = cfg.parallel
-        if self.recall.rows and self.recall.loss == "answers" and (world_size > 1 or par.tp * par.pp * par.cp > 1):
-            raise ConfigError("data.recall_loss: 'answers' needs the single-process trainer (the parallel "
-                              "runtime's vocab-parallel loss does not skip ignored targets); use 'lm'")
+        ignores = (self.recall.rows and self.recall.loss == "answers") or self.recall.corpus_loss < 1.0
+        if ignores and (world_size > 1 or par.tp * par.pp * par.cp > 1):
+            raise ConfigError("data.recall_loss='answers' / data.corpus_loss_fraction < 1 need the single-process "
+                              "trainer (the parallel runtime's vocab-parallel loss does not skip ignored targets); "
+                              "use 'lm' and 1.0")
         if rank == 0:
             prepare_corpus(d.shard_dir, self.tokenizer, sources_of(d.source), max_bytes=d.max_bytes)
         if world_size > 1:
