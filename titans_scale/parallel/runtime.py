@@ -9,7 +9,6 @@ never hangs a collective), then megatron's groups, then the model chunks, then t
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from titans_scale.parallel.build import build_chunks
 from titans_scale.parallel.layout import Layout, plan_layout
 from titans_scale.parallel.pipeline import run_schedule
 from titans_scale.parallel.state import ParallelInfo, init_parallel
+from titans_scale.precision.apply import Precision
 
 __all__ = ["ParallelRuntime", "StepResult", "world_size_from_env"]
 
@@ -53,15 +53,17 @@ class ParallelRuntime:
             from titans_scale.parallel.context import apply_context_parallel
             for c in self.chunks:
                 apply_context_parallel(c, ps.get_context_parallel_group(), cfg.parallel.cp_strategy)
+        # Precision from outside the model, before DDP wraps the chunks: bf16 autocast, or FP8
+        # (emulated) in the TP layers with amaxes reduced over TP x DP as Megatron-LM asks TE to.
+        fp8 = cfg.train.precision == "fp8"
+        self.precision = Precision(self.chunks, cfg, tensor_parallel=True,
+                                   amax_group=ps.get_amax_reduction_group(with_context_parallel=True) if fp8 else None)
         if lay.engine == "megatron":
             from titans_scale.parallel.megatron_engine import MegatronEngine
             self.engine = MegatronEngine(self.chunks, cfg, lay)
         else:
             from titans_scale.parallel.deepspeed_engine import DeepSpeedEngine
             self.engine = DeepSpeedEngine(self.chunks, cfg, lay)
-        self._autocast = (lambda: torch.autocast("cuda" if torch.cuda.is_available() else "cpu",
-                                                 dtype=torch.bfloat16)) \
-            if cfg.train.precision == "bf16" else contextlib.nullcontext
 
     # -- batches ----------------------------------------------------------------------------
     @property
@@ -105,7 +107,7 @@ class ParallelRuntime:
         """Gradients of one step's micro-batches (reduced by the engine at the schedule's end,
         megatron; or in step(), DeepSpeed). Returns the global mean loss."""
         self.engine.zero_grad()
-        with self._autocast():
+        with self.precision.autocast():
             losses = run_schedule(self.engine.chunks, self._microbatches(inputs, targets),
                                   self.cfg.data.seq_len, self.layout.micro_batch_size)
         return self._global_mean(losses)
@@ -125,7 +127,7 @@ class ParallelRuntime:
         for c in chunks:
             _module(c).eval()
         try:
-            with self._autocast():
+            with self.precision.autocast():
                 losses = run_schedule(chunks, self._microbatches(inputs, targets), self.cfg.data.seq_len,
                                       self.layout.micro_batch_size, forward_only=True)
         finally:

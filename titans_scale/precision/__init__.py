@@ -8,6 +8,9 @@
         convert_linears_to_te(model, filter_fn)          # or megatron-core TE layer specs
         ctx = te_fp8_autocast(enabled=True, recipe=recipe, amax_reduction_group=group)
 
+Under tensor parallelism fp8_tensor_parallel.convert_tp_linears_to_fp8 gives megatron's
+Column/RowParallelLinear the same emulated GEMM (imported on demand: it needs megatron-core).
+
 te_backend imports transformer_engine lazily, so importing this package never needs it.
 """
 
@@ -15,6 +18,7 @@ from titans_scale.precision.fp8_emulation import (
     FP8_META_BUFFERS,
     FP8_META_COLUMNS,
     Fp8Linear,
+    Fp8MetaMixin,
     convert_linears_to_fp8,
     dequantize,
     fp8_autocast,
@@ -36,6 +40,7 @@ __all__ = [
     "FP8_META_BUFFERS",
     "FP8_META_COLUMNS",
     "Fp8Linear",
+    "Fp8MetaMixin",
     "Fp8Recipe",
     "HardwareProbe",
     "PrecisionPlan",

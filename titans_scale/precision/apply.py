@@ -8,6 +8,7 @@ import contextlib
 import torch
 import torch.nn as nn
 
+from titans_scale.errors import ConfigError
 from titans_scale.precision.fp8_emulation import convert_linears_to_fp8, fp8_autocast
 from titans_scale.precision.recipe import Fp8Recipe
 from titans_scale.precision.select import PrecisionPlan, resolve_precision
@@ -32,18 +33,36 @@ def recipe_from(cfg) -> Fp8Recipe:
 
 
 class Precision:
-    """Built once per run: converts the model's layers, then `with precision.autocast():`."""
+    """Built once per run: converts the model's layers, then `with precision.autocast():`.
 
-    def __init__(self, model: nn.Module, cfg, amax_group=None):
+    model: the model, or a list of model chunks (the parallel runtime's, each converted with
+    its own names). tensor_parallel: also give megatron's Column/RowParallelLinear layers the
+    emulated FP8 GEMM (fp8_tensor_parallel.py); amax_group should then be megatron's amax
+    reduction group, so every rank uses the single-process scales.
+    """
+
+    def __init__(self, model, cfg, amax_group=None, tensor_parallel: bool = False):
         self.plan: PrecisionPlan = resolve_precision(cfg.train.precision, cfg.fp8.backend)
         self.recipe = recipe_from(cfg) if self.plan.fp8_backend else None
         self.amax_group = amax_group
         self.converted: list[str] = []
-        keep = fp8_filter(cfg.fp8.include_head)
-        if self.plan.fp8_backend == "emulated":
-            self.converted = convert_linears_to_fp8(model, self.recipe, keep)
-        elif self.plan.fp8_backend == "te":       # builds new parameters: optimizer after this
-            self.converted = convert_linears_to_te(model, keep)
+        # A tied model has no head layer on one device (logits = x @ embed^T): under TP its
+        # head is a ColumnParallel reading the embedding, kept high precision the same way.
+        keep = fp8_filter(cfg.fp8.include_head and not cfg.model.tie_embeddings)
+        modules = list(model) if isinstance(model, (list, tuple)) else [model]
+        if tensor_parallel and self.plan.fp8_backend == "te":
+            raise ConfigError(
+                f"fp8.backend={cfg.fp8.backend!r} resolved to Transformer Engine ({self.plan.reason}), "
+                "which the parallel runtime's megatron layers do not use yet; set "
+                "fp8.backend='emulated' or train.precision='bf16'")
+        for m in modules:
+            if self.plan.fp8_backend == "emulated":
+                self.converted += convert_linears_to_fp8(m, self.recipe, keep)
+                if tensor_parallel:
+                    from titans_scale.precision.fp8_tensor_parallel import convert_tp_linears_to_fp8
+                    self.converted += convert_tp_linears_to_fp8(m, self.recipe, keep)
+            elif self.plan.fp8_backend == "te":   # builds new parameters: optimizer after this
+                self.converted += convert_linears_to_te(m, keep)
         self.device_type = "cuda" if torch.cuda.is_available() else "cpu"
 
     def autocast(self):

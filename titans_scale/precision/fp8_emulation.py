@@ -93,7 +93,7 @@ class _Fp8State:
 
 @dataclass
 class _Pending:
-    module: "weakref.ref[Fp8Linear]"  # weak: a discarded model is not kept alive
+    module: "weakref.ref[Fp8MetaMixin]"  # weak: a discarded model is not kept alive
     recipe: Fp8Recipe
     group: Any
     columns: list[bool]  # which of (input, weight, grad_output) recorded an amax
@@ -160,7 +160,7 @@ def reduce_and_update_fp8_meta() -> int:
     driving Fp8Linear without the context manager. Returns the number of modules updated."""
     entries = list(_PENDING.values())
     _PENDING.clear()
-    buckets: dict[int, list[tuple[Fp8Linear, _Pending]]] = {}
+    buckets: dict[int, list[tuple[Fp8MetaMixin, _Pending]]] = {}
     groups: dict[int, Any] = {}
     for entry in entries:
         module = entry.module()
@@ -271,79 +271,40 @@ class _Fp8LinearFn(torch.autograd.Function):
 # --------------------------------------------------------------------------- the module
 
 
-class Fp8Linear(nn.Module):
-    """Drop-in for nn.Linear whose GEMMs run in (emulated) FP8 inside fp8_autocast.
-
-    State dict: `weight`, `bias` (as nn.Linear) plus two fp32 buffers that travel with
-    checkpoints: `fp8_amax_history` [amax_history_len, 3] and `fp8_scale` [3], columns
-    (input, weight, grad_output) as in FP8_META_COLUMNS. The buffers stay fp32 and follow
-    the weight's device under .to()/.bfloat16(). A checkpoint without them (from a run
-    without FP8) loads with fresh FP8 state.
-    """
-
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool = True,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        recipe: Fp8Recipe | None = None,
-    ) -> None:
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        weight = torch.empty(out_features, in_features, device=device, dtype=dtype)
-        self.weight = nn.Parameter(weight)
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype))
-        else:
-            self.register_parameter("bias", None)
-        self._init_fp8_meta(recipe or Fp8Recipe(), self.weight.device)
-        self.reset_parameters()
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, recipe: Fp8Recipe | None = None) -> "Fp8Linear":
-        """Wrap an existing nn.Linear: the same Parameter objects (optimizer state and
-        weight tying stay valid), fresh FP8 state."""
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        new.in_features, new.out_features = linear.in_features, linear.out_features
-        new.weight = linear.weight
-        new.bias = linear.bias
-        new._init_fp8_meta(recipe or Fp8Recipe(), linear.weight.device)
-        new.train(linear.training)
-        return new
+class Fp8MetaMixin:
+    """The FP8 state and GEMM of one layer, shared by Fp8Linear and the tensor-parallel
+    layers (fp8_tensor_parallel.py): two fp32 buffers that travel with checkpoints,
+    `fp8_amax_history` [amax_history_len, 3] and `fp8_scale` [3], columns (input, weight,
+    grad_output) as in FP8_META_COLUMNS; they stay fp32 and follow the weight's device
+    under .to()/.bfloat16(). A checkpoint without them (from a run without FP8) loads
+    with fresh FP8 state. Mix in before the nn.Module class; the layer needs `weight`."""
 
     def _init_fp8_meta(self, recipe: Fp8Recipe, device: torch.device) -> None:
         history, scale = _fresh_fp8_meta(recipe.amax_history_len, device)
         self.register_buffer("fp8_amax_history", history)
         self.register_buffer("fp8_scale", scale)
 
-    reset_parameters = nn.Linear.reset_parameters  # identical init to nn.Linear
-
     @property
     def amax_history_len(self) -> int:
         return self.fp8_amax_history.shape[0]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _STATE.enabled:
-            return F.linear(x, self.weight, self.bias)
+    def _fp8_linear(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """x @ weight^T + bias with FP8 operands and this layer's scales (inside an enabled
+        fp8_autocast; the caller checks fp8_enabled())."""
         recipe = _STATE.recipe
         assert recipe is not None
         self._check_history_len(recipe)
         out_dtype = _activation_dtype(x)
         record = torch.is_grad_enabled()
-        return _Fp8LinearFn.apply(
-            x, self.weight, self.bias, self, recipe, _STATE.group, record, out_dtype
-        )
-
-    # -- FP8 state ----------------------------------------------------------------------
+        return _Fp8LinearFn.apply(x, weight, bias, self, recipe, _STATE.group, record, out_dtype)
 
     def _check_history_len(self, recipe: Fp8Recipe) -> None:
         if recipe.scaling == "delayed" and recipe.amax_history_len != self.amax_history_len:
             raise ConfigError(
                 f"fp8 amax_history_len={recipe.amax_history_len} in fp8_autocast does not match "
-                f"this Fp8Linear's buffers ({self.amax_history_len}); build the model with the "
+                f"this layer's FP8 buffers ({self.amax_history_len}); build the model with the "
                 "same Fp8Recipe you pass to fp8_autocast"
             )
 
@@ -380,7 +341,9 @@ class Fp8Linear(nn.Module):
         try:
             super()._apply(fn, recurse)
         finally:
-            device = self.weight.device
+            # A layer without its own weight (a tied output head) keeps the buffers' device.
+            weight = self.weight
+            device = meta["fp8_scale"].device if weight is None else weight.device
             if device.type != "meta" and meta["fp8_amax_history"].is_meta:  # to_empty()
                 history, scale = _fresh_fp8_meta(meta["fp8_amax_history"].shape[0], device)
                 meta = {"fp8_amax_history": history, "fp8_scale": scale}
@@ -400,6 +363,54 @@ class Fp8Linear(nn.Module):
             for k in keys:
                 if k in missing_keys:
                     missing_keys.remove(k)
+
+
+class Fp8Linear(Fp8MetaMixin, nn.Module):
+    """Drop-in for nn.Linear whose GEMMs run in (emulated) FP8 inside fp8_autocast.
+
+    State dict: `weight`, `bias` (as nn.Linear) plus the FP8 buffers of Fp8MetaMixin,
+    `fp8_amax_history` [amax_history_len, 3] and `fp8_scale` [3].
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        recipe: Fp8Recipe | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        weight = torch.empty(out_features, in_features, device=device, dtype=dtype)
+        self.weight = nn.Parameter(weight)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype))
+        else:
+            self.register_parameter("bias", None)
+        self._init_fp8_meta(recipe or Fp8Recipe(), self.weight.device)
+        self.reset_parameters()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, recipe: Fp8Recipe | None = None) -> "Fp8Linear":
+        """Wrap an existing nn.Linear: the same Parameter objects (optimizer state and
+        weight tying stay valid), fresh FP8 state."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = linear.in_features, linear.out_features
+        new.weight = linear.weight
+        new.bias = linear.bias
+        new._init_fp8_meta(recipe or Fp8Recipe(), linear.weight.device)
+        new.train(linear.training)
+        return new
+
+    reset_parameters = nn.Linear.reset_parameters  # identical init to nn.Linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _STATE.enabled:
+            return F.linear(x, self.weight, self.bias)
+        return self._fp8_linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return (
@@ -470,6 +481,7 @@ __all__ = [
     "FP8_META_BUFFERS",
     "FP8_META_COLUMNS",
     "Fp8Linear",
+    "Fp8MetaMixin",
     "active_recipe",
     "convert_linears_to_fp8",
     "dequantize",
