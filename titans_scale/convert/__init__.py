@@ -22,6 +22,7 @@ import importlib
 _API = {
     "open_checkpoint": "layouts", "register_layout": "layouts",
     "CheckpointReader": "reader", "TensorInfo": "reader", "DcpReader": "dcp_reader",
+    "ParallelReader": "parallel_reader",
     "ConsolidatedReader": "consolidated", "write_consolidated": "consolidated",
     "verify_consolidated": "consolidated", "FORMAT": "consolidated", "FORMAT_VERSION": "consolidated",
     "write_training_checkpoint": "training", "export_inference": "export", "load_model": "export",

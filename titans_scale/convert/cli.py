@@ -6,8 +6,9 @@
   convert SRC DST --to titans-pytorch --layer blocks.1.mixer.memory --accept-read-offset
   convert SRC DST --from titans-pytorch --options kwargs.json --accept-read-offset
 
-SRC may be a run folder (its newest checkpoint), a step_N folder, a DCP folder or a
-consolidated folder. DST must not exist (or pass --overwrite); it appears only when complete.
+SRC may be a run folder (its newest checkpoint), a step_N folder, a DCP folder, a
+consolidated folder, or the parallel trainer's megatron TP x PP checkpoint (run folder, step_N
+or model_optim/; weights only). DST must not exist (or pass --overwrite); it appears only when complete.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ LAYER_FORMAT = "titans-scale-memory-layer"
 def add_convert_parser(sub) -> None:
     c = sub.add_parser("convert", help="convert checkpoints: consolidated safetensors, training, inference, "
                                        "titans-pytorch")
-    c.add_argument("src", help="run folder, step_N folder, DCP folder, consolidated folder, or (--from "
-                               "titans-pytorch) a state dict file/folder")
+    c.add_argument("src", help="run folder, step_N folder, DCP folder, consolidated folder, a parallel "
+                               "(megatron TP x PP) run/step folder, or (--from titans-pytorch) a state dict "
+                               "file/folder")
     c.add_argument("dst", help="output folder (must not exist unless --overwrite)")
     c.add_argument("--to", choices=TARGETS, help="output format (default: consolidated, or training from a "
                                                  "consolidated source)")

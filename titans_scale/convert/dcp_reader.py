@@ -109,6 +109,11 @@ class DcpReader(CheckpointReader):
             self._infos.append(TensorInfo(ours, tuple(md.size), md.properties.dtype))
         self._infos.sort(key=lambda t: (not t.name.startswith(MODEL),))   # model first, stable
         self._check_pieces()
+        self._check_model()
+
+    def _check_model(self) -> None:
+        """Every weight the model config implies, with its shape (layouts that store tensors
+        padded or under other shapes adjust self._infos first)."""
         check_model_tensors(self.model_config(), self._infos, self.describe())
 
     # -- checks -----------------------------------------------------------------------------

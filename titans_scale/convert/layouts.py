@@ -4,8 +4,9 @@
                     open=lambda p, run_config: MyReader(p, run_config))
 
 open_checkpoint(path) tries the layouts newest-registered first, then the built-in ones:
-a consolidated folder, a run folder (its newest checkpoint), a training checkpoint folder
-(step_N with model_optim/), a bare DCP folder (one process or several ranks).
+a consolidated folder, the parallel trainer's megatron TP x PP x DP checkpoint (a run folder,
+step_N or model_optim/ of it: parallel_reader.py), a run folder (its newest checkpoint), a
+training checkpoint folder (step_N with model_optim/), a bare DCP folder (one process or several ranks).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from titans_scale.config import RunConfig
 
 from .consolidated import ConsolidatedReader, is_consolidated
 from .dcp_reader import DcpReader, resolve_run_dir
+from .parallel_reader import ParallelReader, is_parallel_checkpoint
 from .errors import ConvertError
 from .reader import CheckpointReader
 
@@ -31,6 +33,8 @@ class Layout:
 
 _BUILTIN = [
     Layout("consolidated", is_consolidated, lambda p, run: ConsolidatedReader(p)),
+    # before run-dir / training / dcp: a parallel step folder also has model_optim/ and .metadata
+    Layout("megatron", is_parallel_checkpoint, lambda p, run: ParallelReader(p, run)),
     Layout("run-dir", lambda p: (p / "checkpoints").is_dir() and (p / "config.toml").is_file(),
            lambda p, run: DcpReader(resolve_run_dir(p), run)),
     Layout("training", lambda p: (p / "model_optim").is_dir(), lambda p, run: DcpReader(p, run)),
