@@ -1,10 +1,11 @@
-"""Memory op and memory layer, forward + backward: chunked vs naive, 1k to 64k tokens.
+"""Memory op and memory layer, forward + backward: fused and chunked vs naive, 1k to 64k tokens.
 
 Reference shape (issue 2): d_model 256 = 4 heads x 64, depth-2 memory with expansion 4,
 chunk 64, batch 1, fp32, 2 threads. Each point runs in a fresh process (peak RSS is its
 own). MFU = counted matmul FLOPs / time / the fp32 matmul rate measured in the same run.
 
-    python bench/bench_memory.py [--lengths 1024,4096,16384,65536] [--naive-max 1024]
+    python bench/bench_memory.py [--lengths 1024,4096,16384,65536] [--impls fused,chunked,naive]
+                                 [--naive-max 1024] [--chunked-max 16384]
 """
 
 from __future__ import annotations
@@ -75,13 +76,15 @@ def child(args: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", default="1024,4096,16384,65536")
+    ap.add_argument("--impls", default="fused,chunked,naive")
     ap.add_argument("--naive-max", type=int, default=1024)
+    ap.add_argument("--chunked-max", type=int, default=16384, help="autograd keeps every chunk's intermediates")
     a = parse_bench_args(ap, child)
     rows = []
     for what in ("op", "layer"):
         for L in map(int, a.lengths.split(",")):
-            for impl in ("chunked", "naive"):
-                if impl == "naive" and L > a.naive_max:
+            for impl in a.impls.split(","):
+                if (impl == "naive" and L > a.naive_max) or (impl == "chunked" and L > a.chunked_max):
                     continue
                 r = run_child(__file__, {"what": what, "impl": impl, "length": L, "threads": a.threads},
                               a.timeout)
@@ -89,9 +92,10 @@ def main() -> None:
                 print(json.dumps(r), flush=True)
     growth = {}
     for what in ("op", "layer"):
-        pts = {r["length"]: r["seconds"] for r in rows if r["what"] == what and r["impl"] == "chunked" and "seconds" in r}
-        if 4096 in pts and 65536 in pts:
-            growth[what] = math.log(pts[65536] / pts[4096]) / math.log(16)
+        for impl in ("fused", "chunked"):
+            pts = {r["length"]: r["seconds"] for r in rows if r["what"] == what and r["impl"] == impl and "seconds" in r}
+            if 4096 in pts and 65536 in pts:
+                growth[f"{what}/{impl}"] = math.log(pts[65536] / pts[4096]) / math.log(16)
     print()
     print(table(rows, [("what", "what", ""), ("impl", "impl", ""), ("length", "tokens", "{:,}"),
                        ("tokens_per_s", "tokens/s", "{:,.0f}"), ("seconds", "s/step", "{:.3f}"),

@@ -19,6 +19,8 @@ from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 from titans_scale.errors import ConfigError
 from titans_scale.flops import attention_pairs, model_flops_per_token, param_count, step_flops
 from titans_scale.model import ModelConfig, TitansLM
+from titans_scale.model.layers import CausalDepthwiseConv
+from titans_scale.model.memory import NeuralMemory
 
 aten = torch.ops.aten
 
@@ -32,6 +34,13 @@ def conv_backward_per_group(grad_out_shape, x_shape, w_shape, _bias, _stride, _p
 def measured_step_flops(cfg: ModelConfig, batch: int, seq_len: int, fix_conv: bool = True) -> int:
     torch.manual_seed(0)
     model = TitansLM(cfg)
+    # the count models the reference paths: autograd through the chunk step, conv via F.conv1d
+    # (impl="fused" adds a backward recompute of the inner forward; the shifted conv is elementwise)
+    for m in model.modules():
+        if isinstance(m, NeuralMemory):
+            m.impl = "chunked"
+        elif isinstance(m, CausalDepthwiseConv):
+            m.impl = "naive"
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq_len))
     mapping = {aten.convolution_backward: conv_backward_per_group} if fix_conv else {}
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False, custom_mapping=mapping) as fc:

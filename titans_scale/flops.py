@@ -15,7 +15,9 @@ Two counts, because attention as written computes more than it needs:
   (query, key) pairs the causal / window / segment mask lets through, no padding, no
   unused projections; training = exactly 3x forward. This is the work the model's
   mathematics needs, whatever the kernel.
-* ``count="executed"``: what the PyTorch code runs. The blocked sliding window attends each
+* ``count="executed"``: what the reference PyTorch paths run (memory impl="chunked", the
+  conv through F.conv1d; the default impl="fused" runs the same forward and reruns the
+  inner forward at W_c in its hand-written backward, about 4 of ~22 matmul units). The blocked sliding window attends each
   block of w queries to 2w keys (about w of them masked), padded to whole blocks; segment and
   full causal attention compute their whole square (half masked); MAC projects a query for
   every retrieved memory token it never uses; autograd skips the backward of the last

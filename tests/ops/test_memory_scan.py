@@ -1,4 +1,5 @@
-"""The chunked memory op equals the float64 per-token reference (DESIGN.md section 3)."""
+"""The fast memory ops (chunked: autograd through the chunk step; fused: the same step with a
+hand-written backward) equal the float64 per-token reference (DESIGN.md section 3)."""
 
 import pytest
 import torch
@@ -8,12 +9,15 @@ from titans_scale.ops.mlp import mlp_forward
 from tests.ops.memory_inputs import make_inputs, rel_err
 
 
-@pytest.mark.parametrize("depth", [1, 2, 3])
+FAST = [("chunked", 1), ("chunked", 2), ("chunked", 3), ("fused", 1), ("fused", 2)]   # fused: depth 1-2
+
+
+@pytest.mark.parametrize("impl,depth", FAST)
 @pytest.mark.parametrize("C", [1, 3, 16, 64])
-def test_chunked_equals_naive_forward(depth, C):
+def test_fast_path_equals_naive_forward(impl, depth, C):
     args = make_inputs(L=37 if C != 64 else 70, depth=depth)   # L never a multiple of C
     y_ref, s_ref = memory_scan(*args, chunk_size=C, impl="naive")
-    y, s = memory_scan(*args, chunk_size=C, impl="chunked")
+    y, s = memory_scan(*args, chunk_size=C, impl=impl)
     assert rel_err(y, y_ref) < 1e-9
     for name in ("chunk_start", "weights", "momentum"):
         for a, b in zip(getattr(s, name), getattr(s_ref, name)):
@@ -21,20 +25,20 @@ def test_chunked_equals_naive_forward(depth, C):
     assert s.position == s_ref.position == (args[0].shape[2] % C)
 
 
-@pytest.mark.parametrize("depth", [1, 2, 3])
+@pytest.mark.parametrize("impl,depth", FAST)
 @pytest.mark.parametrize("C", [1, 3, 16])
-def test_chunked_gradients_equal_naive(depth, C):
+def test_fast_path_gradients_equal_naive(impl, depth, C):
     args = make_inputs(L=20, depth=depth, requires_grad=True)
     flat = [*args[:6], *args[6]]
     probe = torch.randn(args[0].shape, dtype=torch.float64)
     grads = {}
-    for impl in ("naive", "chunked"):
-        y, s = memory_scan(*args, chunk_size=C, impl=impl)
+    for name in ("naive", impl):
+        y, s = memory_scan(*args, chunk_size=C, impl=name)
         # outer loss touches the outputs and the final state, so every path is exercised
         loss = (y * probe).sum() + sum((w ** 2).sum() for w in s.weights) + sum(m.sum() for m in s.momentum)
-        grads[impl] = torch.autograd.grad(loss, flat)
+        grads[name] = torch.autograd.grad(loss, flat)
     for name, a, b in zip(["q", "k", "v", "theta", "eta", "alpha"] + [f"W{i}" for i in range(depth)],
-                          grads["chunked"], grads["naive"]):
+                          grads[impl], grads["naive"]):
         assert rel_err(a, b) < 1e-8, name
 
 
@@ -56,7 +60,7 @@ def test_chunk_one_is_the_papers_per_token_rule():
     assert rel_err(state.weights[0], M) < 1e-10
 
 
-@pytest.mark.parametrize("impl", ["naive", "chunked"])
+@pytest.mark.parametrize("impl", ["naive", "chunked", "fused"])
 @pytest.mark.parametrize("depth", [1, 2])
 def test_streaming_in_pieces_equals_one_call(impl, depth):
     args = make_inputs(L=53, depth=depth)

@@ -12,36 +12,37 @@ from titans_scale.ops.memory import MemoryArgumentError, memory_scan
 from tests.ops.memory_inputs import make_inputs
 
 
-def _grads(args, C, g, start=None):
+def _grads(args, C, g, start=None, impl="chunked"):
     """Outputs and input gradients of a loss on y and the final state; `start` streams in
     from a mid-chunk state produced by an earlier call."""
     init = args[6] if start is None else start
-    y, s = memory_scan(*args[:6], init, chunk_size=C, impl="chunked", recompute_group=g)
+    y, s = memory_scan(*args[:6], init, chunk_size=C, impl=impl, recompute_group=g)
     probe = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype)
     loss = (y * probe).sum() + sum((w ** 2).sum() for w in s.weights) + sum(m.sum() for m in s.momentum)
     flat = [*args[:6], *args[6]]
     return [y, *s.weights, *s.momentum], torch.autograd.grad(loss, flat, retain_graph=start is not None)
 
 
-@pytest.mark.parametrize("depth", [1, 2, 3])
+@pytest.mark.parametrize("impl,depth", [("chunked", 1), ("chunked", 2), ("chunked", 3), ("fused", 1), ("fused", 2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_gradients_bitwise_identical(depth, dtype):
+def test_gradients_bitwise_identical(impl, depth, dtype):
     args = make_inputs(B=1, H=2, L=61, d=8, depth=depth, dtype=dtype, requires_grad=True)
-    outs, grads = _grads(args, 8, None)
+    outs, grads = _grads(args, 8, None, impl=impl)
     for g in (1, 2, 5):
-        outs_g, grads_g = _grads(args, 8, g)
+        outs_g, grads_g = _grads(args, 8, g, impl=impl)
         assert all(torch.equal(a, b) for a, b in zip(outs, outs_g)), f"outputs differ, g={g}"
         assert all(torch.equal(a, b) for a, b in zip(grads, grads_g)), f"gradients differ, g={g}"
 
 
+@pytest.mark.parametrize("impl", ["chunked", "fused"])
 @pytest.mark.parametrize("depth", [1, 2])
-def test_streaming_from_mid_chunk_state(depth):
+def test_streaming_from_mid_chunk_state(impl, depth):
     args = make_inputs(B=1, H=1, L=50, d=8, depth=depth, dtype=torch.float32, requires_grad=True)
     head = [x[:, :, :5] for x in args[:6]]
-    _, start = memory_scan(*head, args[6], chunk_size=8, impl="chunked")     # 5 tokens into a chunk
+    _, start = memory_scan(*head, args[6], chunk_size=8, impl=impl)     # 5 tokens into a chunk
     tail = [x[:, :, 5:] for x in args[:6]]
-    outs, grads = _grads((*tail, args[6]), 8, None, start)
-    outs_g, grads_g = _grads((*tail, args[6]), 8, 2, start)
+    outs, grads = _grads((*tail, args[6]), 8, None, start, impl)
+    outs_g, grads_g = _grads((*tail, args[6]), 8, 2, start, impl)
     assert all(torch.equal(a, b) for a, b in zip(outs + list(grads), outs_g + list(grads_g)))
 
 

@@ -40,8 +40,10 @@ def sliding_window_attention(q, k, v, window: int, pk=None, pv=None):
     right = off + (nb + 1) * w - (Lk + w)
     kp = F.pad(k, (0, 0, w, max(right, 0)))
     vp = F.pad(v, (0, 0, w, max(right, 0)))
-    kb = kp[:, :, off: off + (nb + 1) * w].unfold(2, 2 * w, w).transpose(-1, -2)   # [B,h,nb,2w,dh]
-    vb = vp[:, :, off: off + (nb + 1) * w].unfold(2, 2 * w, w).transpose(-1, -2)
+    # [B, h, nb, 2w, dh]: blocks b-1 and b side by side. cat, not unfold: unfold's backward
+    # scatter-adds overlapping windows and cost more than the attention itself on a CPU
+    kb, vb = (torch.cat([x[:, :, :-1], x[:, :, 1:]], dim=3)
+              for x in (t[:, :, off: off + (nb + 1) * w].reshape(B, h, nb + 1, w, dh) for t in (kp, vp)))
     qb = F.pad(q, (0, 0, 0, nb * w - Lq)).view(B, h, nb, w, dh)
     i = torch.arange(w, device=q.device)[:, None]
     j = torch.arange(2 * w, device=q.device)[None, :]

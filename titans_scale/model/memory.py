@@ -92,12 +92,9 @@ class NeuralMemory(nn.Module):
             cw = cw.view(H, 3, d, -1)[:, :parts].reshape(H * parts * d, -1)
             cb = cb.view(H, 3, d)[:, :parts].reshape(-1)
             h, cache = self.conv(F.linear(self.q_input(x), w), cache, cw, cb)
-        h = F.silu(h).view(B, L, -1, parts, d).permute(3, 0, 2, 1, 4)   # [parts, B, H, L, d]
-        out = [F.normalize(h[0], dim=-1)]
-        if parts > 1:
-            out.append(F.normalize(h[1], dim=-1))
-        if parts > 2:
-            out.append(h[2])
+        # unbind, not indexing: its backward writes one contiguous gradient, not `parts` zero-filled ones
+        h = [x.transpose(1, 2) for x in F.silu(h).view(B, L, -1, parts, d).unbind(3)]   # [B, H, L, d] each
+        out = [F.normalize(x, dim=-1) for x in h[:2]] + h[2:]    # q, k normalised; v as is
         return out, cache
 
     def gate_values(self, x: torch.Tensor):

@@ -1,4 +1,4 @@
-"""memory_scan: the public memory op and its dispatcher (naive | chunked | triton).
+"""memory_scan: the public memory op and its dispatcher (naive | chunked | fused | triton).
 
     y, state = memory_scan(q, k, v, theta, eta, alpha, init, chunk_size=64, impl="auto",
                            recompute_group=None)
@@ -8,8 +8,10 @@ init: a list of [B, H, in, out] weights (fresh start, zero momentum) or a Memory
 returned by an earlier call (exact continuation, also mid-chunk).
 The state is kept in fp32 (float64 inputs keep float64); y comes back in q's dtype.
 
-impl: "auto" runs the Triton kernels on CUDA tensors (depth 1 and 2) and the chunked
-PyTorch path otherwise; "triton" runs the kernels on CUDA, or on the CPU when
+impl: "auto" runs the Triton kernels on CUDA tensors (depth 1 and 2), the fused PyTorch
+path elsewhere (depth 1 and 2) and the chunked one for deeper memories. "chunked" is
+autograd through the closed-form chunk step; "fused" the same step with a hand-written
+backward (fewer ops, one saved state per chunk); "triton" runs the kernels on CUDA, or on the CPU when
 TRITON_INTERPRET=1 was set before triton was imported, and raises MemoryArgumentError
 where it cannot run (never a silent fallback); "naive" is the float64 test reference.
 recompute_group: g > 0 keeps one state per g chunks for backward and recomputes the rest
@@ -24,11 +26,13 @@ from typing import Callable
 import torch
 
 from .chunked import chunked_scan
+from .fused import fused_scan
+from .fused import unsupported as fused_unsupported
 from .naive import naive_scan
 from .recompute import check_recompute_group
 from .state import MemoryArgumentError, MemoryState, check_scan_args, state_dtype
 
-IMPLS = ("auto", "naive", "chunked", "triton")
+IMPLS = ("auto", "naive", "chunked", "fused", "triton")
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,7 @@ class _Impl:
 _REGISTRY: dict[str, _Impl] = {
     "naive": _Impl(lambda *args, recompute_group=None: naive_scan(*args)),
     "chunked": _Impl(chunked_scan),
+    "fused": _Impl(fused_scan, unsupported=fused_unsupported),
 }
 
 
@@ -71,11 +76,11 @@ def _resolve(impl: str, q: torch.Tensor, state: MemoryState) -> str:
     if impl == "auto":
         if q.is_cuda and _load_triton() is None and _why_not("triton", q, state) is None:
             return "triton"
-        return "chunked"
-    if impl == "triton":
-        reason = _load_triton() or _why_not("triton", q, state)
-        if reason is not None:
-            raise MemoryArgumentError(reason)
+        return "fused" if _why_not("fused", q, state) is None else "chunked"
+    reason = _load_triton() if impl == "triton" else None
+    reason = reason or _why_not(impl, q, state)
+    if reason is not None:
+        raise MemoryArgumentError(reason)
     return impl
 
 

@@ -1,0 +1,171 @@
+"""impl="fused": the chunk loops of the Triton kernels written as batched PyTorch matmuls,
+with the hand-written backward of ops/scan_function.py (the CPU fast path).
+
+Against impl="chunked" (autograd through chunk_step) it records no graph per chunk and
+keeps one (W, S) per chunk for backward instead of every per-token intermediate, so it
+runs fewer, larger ops and its activation memory is O(L/C |W|). The formulas are those of
+kernels/memory_fwd.py and kernels/memory_bwd.py with whole tiles (no blocking); each is
+checked against the float64 per-token reference (tests/ops/test_fused_scan.py).
+
+Per chunk, q and k share one matmul with W1 (stacked as [q; k], built once per call).
+Depth 1 and 2; deeper memories use impl="chunked".
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .scan_function import ScanConfig, scan_with_backend
+from .state import MemoryState
+
+_INV_SQRT2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def _gelu_grad2(h: torch.Tensor) -> torch.Tensor:
+    """d^2/dh^2 of the exact (erf) GELU: phi(h) (2 - h^2)."""
+    hh = h * h
+    return torch.exp(hh * -0.5).mul_(_INV_SQRT2PI).mul_(hh.neg_().add_(2.0))
+
+
+def _times_gelu_grad(g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """g * gelu'(h) in one vectorised pass (the exact GELU's own backward kernel)."""
+    return torch.ops.aten.gelu_backward(g, h)
+
+
+def _stacked(q, k, c0: int, n: int, C: int) -> torch.Tensor:
+    """[q_c; k_c] for chunks c0..c0+n-1: [BH, n, 2C, d], one copy per call."""
+    BH, _, d = q.shape
+    rows = slice(c0 * C, (c0 + n) * C)
+    return torch.cat([q[:, rows].view(BH, n, C, d), k[:, rows].view(BH, n, C, d)], dim=2)
+
+
+def _dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """<x_b, y_b> for every batch row: [BH, ...] x2 -> [BH]."""
+    return (x * y).flatten(1).sum(1)
+
+
+class TorchBackend:
+    """The ScanBackend of ops/scan_function.py in PyTorch ops, batched over (batch, head)."""
+
+    @staticmethod
+    def new(shape, device, dtype) -> torch.Tensor:
+        return torch.empty(shape, device=device, dtype=dtype)
+
+    @staticmethod
+    def forward(cfg, q, k, v, coefs, ws, ss, saved_w, saved_s, y=None, tok_chunk0=0):
+        cs, cw, P, A, Q = coefs
+        n, C = P.shape[1], cfg.chunk_size
+        qk = _stacked(q, k, tok_chunk0, n, C)
+        for c in range(n):
+            if c % cfg.save_stride == 0:
+                for dst, src in zip(saved_w + saved_s, ws + ss):
+                    dst[:, c // cfg.save_stride] = src
+            rows = slice((tok_chunk0 + c) * C, (tok_chunk0 + c + 1) * C)
+            qkc, kc, vc = qk[:, c], k[:, rows], v[:, rows]
+            if cfg.depth == 1:
+                out = qkc @ ws[0]
+                factors = [(kc, out[:, C:] - vc)]
+            else:
+                h = qkc @ ws[0]
+                z = F.gelu(h)
+                out = z @ ws[1]
+                err = out[:, C:] + kc - vc                                  # d l / d f
+                gh = _times_gelu_grad(err @ ws[1].transpose(1, 2), h[:, C:])   # right_1
+                factors = [(kc, gh), (z[:, C:], err)]
+                out[:, :C] += qkc[:, :C]                                   # the skip of f(q)
+            if y is not None:
+                y[:, rows] = out[:, :C]
+            csc, cwc = cs[:, c * C:(c + 1) * C, None], cw[:, c * C:(c + 1) * C, None]
+            p, a, qq = P[:, c, None, None], A[:, c, None, None], Q[:, c, None, None]
+            for (left, right), w, s in zip(factors, ws, ss):
+                lt = left.transpose(1, 2)
+                w.mul_(a).add_(s * qq).baddbmm_(lt, cwc * right)          # W' = A W + Q S + G_w
+                s.mul_(p).baddbmm_(lt, csc * right)                        # S' = P S + G_s
+
+    @staticmethod
+    def backward(cfg, q, k, v, dy, coefs, states_w, states_s, slot0, dws, dss, dq, dk, dv, tok_chunk0):
+        cs, cw, P, A, Q = coefs
+        n, C = P.shape[1], cfg.chunk_size
+        dcoefs = [torch.empty_like(t) for t in coefs]
+        qk = _stacked(q, k, tok_chunk0, n, C)
+        step = _bwd_linear if cfg.depth == 1 else _bwd_mlp2
+        for c in reversed(range(n)):
+            rows = slice((tok_chunk0 + c) * C, (tok_chunk0 + c + 1) * C)
+            tok = slice(c * C, (c + 1) * C)
+            W = [w[:, slot0 + c] for w in states_w]
+            S = [s[:, slot0 + c] for s in states_s]
+            csc, cwc = cs[:, tok, None], cw[:, tok, None]
+            dqc, dkc, dvc, dcs, dcw, dWc = step(qk[:, c], k[:, rows], v[:, rows], dy[:, rows], csc, cwc, W, dws, dss)
+            dq[:, rows], dk[:, rows], dv[:, rows] = dqc, dkc, dvc
+            dcoefs[0][:, tok], dcoefs[1][:, tok] = dcs, dcw
+            dcoefs[2][:, c] = sum(_dot(ds, s) for ds, s in zip(dss, S))
+            dcoefs[3][:, c] = sum(_dot(dw, w) for dw, w in zip(dws, W))
+            dcoefs[4][:, c] = sum(_dot(dw, s) for dw, s in zip(dws, S))
+            # the chunk-end state S' = P S + G_s, W' = A W + Q S + G_w, carried back to its start
+            p, a, qq = P[:, c, None, None], A[:, c, None, None], Q[:, c, None, None]
+            for dw, ds in zip(dws, dss):
+                ds.mul_(p).add_(dw * qq)
+            for dw, dwc in zip(dws, dWc):
+                dw.mul_(a).add_(dwc)
+        return dcoefs
+
+
+def _bwd_linear(qkc, k, v, dy, cs, cw, W, dws, dss):
+    """Chunk VJP, f(x) = x W: returns dq, dk, dv, dc_s, dc_w and [dW_c] (the terms at W_c)."""
+    (Wc,), (dW,), (dS,) = W, dws, dss
+    C = k.shape[1]
+    err = qkc[:, C:] @ Wc - v
+    m_s, m_w = k @ dS, k @ dW
+    derr = cs * m_s + cw * m_w
+    dcs, dcw = (m_s * err).sum(-1), (m_w * err).sum(-1)
+    dk = (cs * err) @ dS.transpose(1, 2) + (cw * err) @ dW.transpose(1, 2) + derr @ Wc.transpose(1, 2)
+    dq = dy @ Wc.transpose(1, 2)
+    dWc = qkc.transpose(1, 2) @ torch.cat([dy, derr], dim=1)               # q^T dy + k^T derr
+    return dq, dk, -derr, dcs, dcw, [dWc]
+
+
+def _bwd_mlp2(qkc, k, v, dy, cs, cw, W, dws, dss):
+    """Chunk VJP, f(x) = x + gelu(x W1) W2 (names as kernels/memory_bwd.py)."""
+    (W1, W2), (dW1, dW2), (dS1, dS2) = W, dws, dss
+    C = k.shape[1]
+    h = qkc @ W1
+    hk = h[:, C:]
+    z = F.gelu(h)
+    zk = z[:, C:]
+    err = zk @ W2 + k - v
+    W2t = W2.transpose(1, 2)
+    e2 = err @ W2t
+    gh = _times_gelu_grad(e2, hk)                                           # right_1
+    m1s, m1w = k @ dS1, k @ dW1
+    m2s, m2w = zk @ dS2, zk @ dW2
+    dcs = (m1s * gh).sum(-1) + (m2s * err).sum(-1)
+    dcw = (m1w * gh).sum(-1) + (m2w * err).sum(-1)
+    dgh = cs * m1s + cw * m1w
+    de2 = _times_gelu_grad(dgh, hk)
+    derr = de2 @ W2 + cs * m2s + cw * m2w
+    # d z_k: from the layer-2 factor (left = z) and from err = k + z W2 - v
+    dz = (cs * err) @ dS2.transpose(1, 2) + (cw * err) @ dW2.transpose(1, 2) + derr @ W2t
+    dhk = _times_gelu_grad(dz, hk).add_(dgh.mul_(e2).mul_(_gelu_grad2(hk)))
+    dhq = _times_gelu_grad(dy @ W2t, h[:, :C])                              # retrieval y = q + gelu(q W1) W2
+    dh = torch.cat([dhq, dhk], dim=1)
+    dx = dh @ W1.transpose(1, 2)                                            # [d q; d k] through h = x W1
+    dk = dx[:, C:] + derr + (cs * gh) @ dS1.transpose(1, 2) + (cw * gh) @ dW1.transpose(1, 2)
+    dq = dx[:, :C] + dy
+    dW1c = qkc.transpose(1, 2) @ dh
+    dW2c = torch.baddbmm(de2.transpose(1, 2) @ err, z.transpose(1, 2), torch.cat([dy, derr], dim=1))
+    return dq, dk, -derr, dcs, dcw, [dW1c, dW2c]
+
+
+def unsupported(q: torch.Tensor, state: MemoryState) -> str | None:
+    if state.depth > 2:
+        return f"impl='fused' covers memory depth 1 and 2, got depth {state.depth}; use impl='chunked'"
+    return None
+
+
+def fused_scan(q, k, v, theta, eta, alpha, state: MemoryState, recompute_group: int | None = None):
+    cfg = ScanConfig.of(q, v, state, recompute_group)
+    return scan_with_backend(TorchBackend, cfg, q, k, v, theta, eta, alpha, state)
+
