@@ -39,9 +39,10 @@ def child(args: dict) -> dict:
     from titans_scale.model import ModelConfig
     from titans_scale.model.memory import NeuralMemory
     from titans_scale.ops.memory import memory_scan
-    from titans_scale.train.hardware import measured_matmul_flops
+    from titans_scale.train.hardware import measured_matmul_flops, retain_freed_memory
 
     torch.set_num_threads(args["threads"])
+    retain_freed_memory()                     # as the trainer does on CPU (train.retain_memory)
     torch.manual_seed(0)
     cfg = ModelConfig(**SHAPE)
     L, what, impl = args["length"], args["what"], args["impl"]

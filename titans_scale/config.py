@@ -53,6 +53,7 @@ class TrainConfig:
     precision: str = "fp32"           # fp32 | bf16 | fp8
     max_bad_steps: int = 3            # consecutive non-finite steps before the run stops
     threads: int = 0                  # torch intra-op threads; 0 = torch's default
+    retain_memory: bool = True        # CPU (glibc): keep freed memory for reuse, no page faults per step
     progress: bool = True
     tensorboard: bool = True
 

@@ -69,10 +69,9 @@ def suite_specs(cfg, args) -> list[SweepSpec]:
 
 
 def run_eval(cfg, model, args) -> dict:
-    import torch
+    from titans_scale.train.hardware import configure_host
 
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    configure_host(cfg.train)
     out: dict = {}
     if args.suite in ("loss", "all"):
         from titans_scale.train.data import RunData

@@ -30,7 +30,7 @@ from titans_scale.parallel.layout import plan_layout
 from titans_scale.parallel.runtime import ParallelRuntime, world_size_from_env
 from titans_scale.parallel.state import destroy_parallel
 from titans_scale.train.data import RunData, sources_of
-from titans_scale.train.hardware import measured_matmul_flops, peak_rss_bytes
+from titans_scale.train.hardware import configure_host, measured_matmul_flops, peak_rss_bytes
 from titans_scale.train.metrics import MetricsLogger
 from titans_scale.train.optim import lr_lambda
 from titans_scale.train.trainer import PreemptionGuard, TrainingStopped, _progress, _update
@@ -45,8 +45,7 @@ class DistributedTrainer:
         self.cfg = cfg.validate()
         t = cfg.train
         plan_layout(cfg, world_size_from_env())       # refuse a bad layout before any process group
-        if t.threads:
-            torch.set_num_threads(t.threads)
+        configure_host(t)
         self.rt = ParallelRuntime(cfg)
         self.layout, self.engine = self.rt.layout, self.rt.engine
         self.rank = dist.get_rank()

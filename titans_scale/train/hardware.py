@@ -1,10 +1,41 @@
-"""The machine's measured matmul rate, the denominator of MFU."""
+"""The host: its measured matmul rate (the denominator of MFU), peak RSS, thread and
+allocator settings."""
 
 from __future__ import annotations
 
+import ctypes
+import sys
 import time
 
 import torch
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4      # glibc mallopt parameters (malloc.h)
+
+
+def retain_freed_memory() -> bool:
+    """Make glibc keep freed memory for reuse: no mmap for large blocks (M_MMAP_MAX = 0) and
+    no returning the heap's top to the OS (M_TRIM_THRESHOLD = -1, "disables trimming").
+
+    A training step allocates and frees the same large activations every step; by default
+    each block above 32 MiB is a fresh mmap, so every step page-faults all of them in again
+    (1.9M minor faults per step for one memory layer at 64k tokens: 6.6 s a step, 5.0 s with
+    this). The cost is RSS that stays at its peak. Returns whether it applied (glibc only).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, -1))
+    except (OSError, AttributeError):        # not glibc (musl, ...): keep its defaults
+        return False
+
+
+def configure_host(train_cfg) -> None:
+    """The run's thread count and, on CPU runs, the allocator (train.threads, train.retain_memory)."""
+    if train_cfg.threads:
+        torch.set_num_threads(train_cfg.threads)
+    if train_cfg.retain_memory and not torch.cuda.is_available():
+        retain_freed_memory()
 
 
 def measured_matmul_flops(dtype: torch.dtype = torch.float32, n: int = 1024, repeats: int = 5,

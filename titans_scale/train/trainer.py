@@ -23,7 +23,7 @@ from titans_scale.model import TitansLM
 from titans_scale.precision.apply import Precision
 from titans_scale.train.checkpoint import CheckpointManager
 from titans_scale.train.data import RunData
-from titans_scale.train.hardware import measured_matmul_flops, peak_rss_bytes
+from titans_scale.train.hardware import configure_host, measured_matmul_flops, peak_rss_bytes
 from titans_scale.train.metrics import MetricsLogger
 from titans_scale.train.optim import build_optimizer, build_scheduler
 
@@ -82,8 +82,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, resume: bool = False):
         self.cfg = cfg.validate()
         t = cfg.train
-        if t.threads:
-            torch.set_num_threads(t.threads)
+        configure_host(t)
         torch.manual_seed(t.seed)
         self.run_dir = Path(t.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
