@@ -24,7 +24,7 @@ Two counts, because attention as written computes more than it needs:
   chunk's state update (nothing reads the final state); with model.recompute_group the
   backward reruns the memory scan's forward. This equals FlopCounterMode's count
   of a training step to the FLOP (tests/test_flops.py) when SDPA runs as explicit matmuls
-  (the math backend; on CPU every 5-D attention call) and depthwise-conv backward is
+  (the math backend, as the tests ask for) and depthwise-conv backward is
   counted per group (torch's formula ignores `groups` and overcounts it ~channels-fold).
   Fused kernels (flash / memory-efficient SDPA) also recompute Q K^T in the backward, which
   FlopCounterMode adds as 0.5x the attention forward; neither count includes that recompute.

@@ -26,6 +26,18 @@ def _with_prefix(k, v, mask, pk, pv):
     return torch.cat([pk, k], -2), torch.cat([pv, v], -2), torch.cat([ones, mask], -1)
 
 
+def _blocked_attention(q, k, v, mask):
+    """SDPA per block: q [B, h, n, S, dh], k and v [B, h, n, T, dh], mask [n, S, T] or [S, T]
+    (True = attend). Heads and blocks merge into one batch dim because on a CPU a 4-D call
+    runs the fused (flash) kernel, which keeps no S x T probabilities for backward (a 5-D call
+    runs the math path: 68 MB per layer at 16k tokens, and slower)."""
+    B, h, n, S, dh = q.shape
+    T = k.shape[-2]
+    m = mask.expand(h, n, S, T).reshape(1, h * n, S, T)
+    merge = lambda x: x.reshape(B, h * n, x.shape[-2], dh)  # noqa: E731
+    return F.scaled_dot_product_attention(merge(q), merge(k), merge(v), attn_mask=m).view(B, h, n, S, dh)
+
+
 def sliding_window_attention(q, k, v, window: int, pk=None, pv=None):
     """q: [B, h, Lq, dh] are the last Lq of k's Lk positions; query p sees keys (p - window, p].
 
@@ -52,7 +64,7 @@ def sliding_window_attention(q, k, v, window: int, pk=None, pv=None):
     key_pos = off + torch.arange(nb, device=q.device)[:, None] * w - w + j   # [nb, 2w] in k frame
     mask = in_window[None] & (key_pos >= 0)[:, None, :]                         # [nb, w, 2w]
     kb, vb, mask = _with_prefix(kb, vb, mask, pk, pv)
-    out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask)
+    out = _blocked_attention(qb, kb, vb, mask)
     return out.reshape(B, h, nb * w, dh)[:, :, :Lq]
 
 
@@ -85,7 +97,7 @@ def segment_attention(q, k, v, segment: int, pk=None, pv=None, hk=None, hv=None)
         ks, vs = torch.cat([split(hk), ks], -2), torch.cat([split(hv), vs], -2)
         mask = torch.cat([causal, causal], -1)
     ks, vs, mask = _with_prefix(ks, vs, mask, pk, pv)
-    return F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask).reshape(B, h, L, dh)
+    return _blocked_attention(qs, ks, vs, mask).reshape(B, h, L, dh)
 
 
 class Attention(nn.Module):
