@@ -18,7 +18,8 @@ Two counts, because attention as written computes more than it needs:
 * ``count="executed"``: what the reference PyTorch paths run (memory impl="chunked", the
   conv through F.conv1d; the default impl="fused" runs the same forward and reruns the
   inner forward at W_c in its hand-written backward, about 4 of ~22 matmul units). The blocked sliding window attends each
-  block of w queries to 2w keys (about w of them masked), padded to whole blocks; segment and
+  block of w queries to 2w keys (about w of them masked), padded to whole blocks, and the first
+  block a second time with its own mask when there are more (model/attention.py); segment and
   full causal attention compute their whole square (half masked); MAC projects a query for
   every retrieved memory token it never uses; autograd skips the backward of the last
   chunk's state update (nothing reads the final state); with model.recompute_group the
@@ -109,8 +110,9 @@ def attention_pairs(cfg: ModelConfig, mixer: str, seq_len: int, count: str = "mo
     L, p = seq_len, cfg.n_persistent
     if mixer in _SLIDING:
         w = cfg.window
-        if count == "executed":                              # blocks of w queries x (p + 2w) keys
-            return -(-L // w) * w * (p + 2 * w)
+        if count == "executed":                              # blocks of w queries x (p + 2w) keys,
+            nb = -(-L // w)                                  # the first one twice when there are more
+            return (nb + (nb > 1)) * w * (p + 2 * w)
         m = min(w, L)                                        # query t sees min(t + 1, w) tokens
         return L * p + m * (m + 1) / 2 + (L - m) * w
     if mixer in ("seg", "mac"):

@@ -27,13 +27,15 @@ def _with_prefix(k, v, mask, pk, pv):
 
 
 def _blocked_attention(q, k, v, mask):
-    """SDPA per block: q [B, h, n, S, dh], k and v [B, h, n, T, dh], mask [n, S, T] or [S, T]
-    (True = attend). Heads and blocks merge into one batch dim because on a CPU a 4-D call
-    runs the fused (flash) kernel, which keeps no S x T probabilities for backward (a 5-D call
-    runs the math path: 68 MB per layer at 16k tokens, and slower)."""
+    """SDPA per block: q [B, h, n, S, dh], k and v [B, h, n, T, dh], mask [n, S, T] or, shared
+    by every block, [S, T] (True = attend). Heads and blocks merge into one batch dim because on
+    a CPU a 4-D call runs the fused (flash) kernel, which keeps no S x T probabilities for
+    backward (a 5-D call runs the math path, slower). It keeps its float copy of the mask, so a
+    shared [S, T] mask is passed as it is rather than expanded per block (68 MB per layer at
+    16k tokens)."""
     B, h, n, S, dh = q.shape
     T = k.shape[-2]
-    m = mask.expand(h, n, S, T).reshape(1, h * n, S, T)
+    m = mask if mask.dim() == 2 else mask.expand(h, n, S, T).reshape(1, h * n, S, T)
     merge = lambda x: x.reshape(B, h * n, x.shape[-2], dh)  # noqa: E731
     return F.scaled_dot_product_attention(merge(q), merge(k), merge(v), attn_mask=m).view(B, h, n, S, dh)
 
@@ -64,7 +66,17 @@ def sliding_window_attention(q, k, v, window: int, pk=None, pv=None):
     key_pos = off + torch.arange(nb, device=q.device)[:, None] * w - w + j   # [nb, 2w] in k frame
     mask = in_window[None] & (key_pos >= 0)[:, None, :]                         # [nb, w, 2w]
     kb, vb, mask = _with_prefix(kb, vb, mask, pk, pv)
-    out = _blocked_attention(qb, kb, vb, mask)
+    # Only leading blocks reach left of the sequence (key_pos < 0; block 0 unless the keys carry
+    # earlier context). Every block runs with the mask the others share, then the leading ones
+    # again with their own: slicing the others out instead would copy their keys and values.
+    lead = int((key_pos < 0).any(-1).sum())
+    if lead == nb:
+        out = _blocked_attention(qb, kb, vb, mask)
+    else:
+        out = _blocked_attention(qb, kb, vb, mask[lead])
+        if lead:
+            first = _blocked_attention(qb[:, :, :lead], kb[:, :, :lead], vb[:, :, :lead], mask[:lead])
+            out = torch.cat([first, out[:, :, lead:]], dim=2)
     return out.reshape(B, h, nb * w, dh)[:, :, :Lq]
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from titans_scale.ops import conv as conv_ops
+from titans_scale.ops.rmsnorm import rms_norm
+from titans_scale.ops.swiglu import swiglu
 
 
 class RMSNorm(nn.Module):
@@ -16,8 +17,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x   # norm in >= fp32
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return rms_norm(x, self.weight, self.eps)        # statistics in >= fp32 (ops/rmsnorm.py)
 
 
 class SwiGLU(nn.Module):
@@ -28,7 +28,7 @@ class SwiGLU(nn.Module):
         self.w_down = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        return self.w_down(swiglu(self.w_gate(x), self.w_up(x)))
 
 
 def rope(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:

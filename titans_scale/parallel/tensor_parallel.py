@@ -42,6 +42,7 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 from titans_scale.model.attention import Attention
 from titans_scale.model.layers import CausalDepthwiseConv, RMSNorm, SwiGLU
 from titans_scale.model.memory import NeuralMemory
+from titans_scale.ops.rmsnorm import rms_norm
 
 __all__ = ["ColumnParallel", "ParallelBlock", "autocast_input", "RowParallel", "TPEntry", "TPSummedRMSNorm",
            "column_from", "mark_tp", "tp_rank_size", "parallelize_block", "row_from", "shard"]
@@ -103,9 +104,7 @@ class TPSummedRMSNorm(RMSNorm):
     TP; that works under every data-parallel engine, ZeRO's gradient hooks included."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-        normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
-        return normed * copy_to_tensor_model_parallel_region(self.weight)
+        return rms_norm(x, copy_to_tensor_model_parallel_region(self.weight), self.eps)
 
     @classmethod
     def from_norm(cls, norm: RMSNorm) -> "TPSummedRMSNorm":

@@ -1,0 +1,63 @@
+"""RMSNorm and the SwiGLU gate: the memory-saving autograd functions equal the formulas."""
+
+import pytest
+import torch
+
+from titans_scale.ops import rmsnorm, swiglu
+from tests.ops.memory_inputs import rel_err
+
+
+def _grads(f, inputs, probe):
+    out = f(*inputs)
+    return (out, *torch.autograd.grad((out * probe).sum(), [t for t in inputs if t.requires_grad]))
+
+
+def test_rms_norm_equals_formula_with_gradients():
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, 17, 24, generator=g, dtype=torch.float64) * 3).requires_grad_(True)
+    w = torch.randn(24, generator=g, dtype=torch.float64, requires_grad=True)
+    probe = torch.randn(3, 17, 24, generator=g, dtype=torch.float64)
+    ref = _grads(lambda a, b: rmsnorm.naive(a, b, 1e-6), (x, w), probe)
+    got = _grads(lambda a, b: rmsnorm.rms_norm(a, b, 1e-6), (x, w), probe)
+    for name, a, b in zip(("y", "dx", "dw"), got, ref):
+        assert rel_err(a, b) < 1e-12, name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rms_norm_keeps_the_formulas_dtypes(dtype):
+    x = torch.randn(4, 8, dtype=dtype, requires_grad=True)
+    w = torch.randn(8, requires_grad=True)
+    y, y_ref = rmsnorm.rms_norm(x, w, 1e-6), rmsnorm.naive(x, w, 1e-6)
+    assert y.dtype == y_ref.dtype and torch.allclose(y, y_ref)
+    y.sum().backward()
+    assert x.grad.dtype == dtype and w.grad.dtype == torch.float32
+
+
+def _full_width_saved(f, *inputs) -> int:
+    """Distinct tensors of the input's size that autograd keeps for f's backward."""
+    storages = set()
+    def pack(t):
+        if t.numel() == inputs[0].numel():
+            storages.add(t.untyped_storage().data_ptr())
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        f(*inputs)
+    return len(storages)
+
+
+def test_fused_forms_keep_one_tensor_less():
+    x, w = torch.randn(64, 32, requires_grad=True), torch.ones(32, requires_grad=True)
+    assert _full_width_saved(lambda a, b: rmsnorm.naive(a, b, 1e-6), x, w) == 2
+    assert _full_width_saved(lambda a, b: rmsnorm.rms_norm(a, b, 1e-6), x, w) == 1
+    u = torch.randn(64, 32, requires_grad=True)
+    assert _full_width_saved(swiglu.naive, x, u) == 3
+    assert _full_width_saved(swiglu.swiglu, x, u) == 2
+
+
+def test_swiglu_equals_formula_with_gradients():
+    g = torch.Generator().manual_seed(1)
+    a = (torch.randn(5, 33, generator=g, dtype=torch.float64) * 4).requires_grad_(True)
+    b = torch.randn(5, 33, generator=g, dtype=torch.float64, requires_grad=True)
+    probe = torch.randn(5, 33, generator=g, dtype=torch.float64)
+    for name, x, y in zip(("y", "dg", "du"), _grads(swiglu.swiglu, (a, b), probe), _grads(swiglu.naive, (a, b), probe)):
+        assert rel_err(x, y) < 1e-12, name
