@@ -64,8 +64,9 @@ def child(args: dict) -> dict:
         def step():
             y, _ = memory_scan(*leaves, w0, chunk_size=cfg.chunk_size, impl=impl)
             y.sum().backward()
-    repeats = 1 if impl == "naive" or L >= 32768 else 3
-    sec = timed(step, repeats, warmup=0 if impl == "naive" else 1)
+    # median of 3 after 2 warm-up steps (the allocator's heap settles in about 3 steps; a
+    # training run takes thousands), one step for the slow float64 reference
+    sec = timed(step, 1, warmup=0) if impl == "naive" else timed(step, 3, warmup=2)
     op_f, layer_f = layer_flops_per_token(cfg)
     flops = (layer_f if what == "layer" else op_f) * L
     rate = measured_matmul_flops(torch.float32, n=1024)

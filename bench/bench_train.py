@@ -98,7 +98,7 @@ def main() -> None:
                        ("peak_rss_mb", "peak RSS MB", "{:,.0f}"), ("error", "error", "")]))
     for k, g in growth.items():
         print(f"{k}: step time grows as L^{g:.3f} from 2k to 16k")
-    print(f"fp32 GEMM rate (1024^3, median, in-run): {rows[0].get('matmul_gflops_s', float('nan')):.1f} GFLOP/s")
+    print(f"fp32 GEMM rate (1024^3, best of 7, in-run): {rows[0].get('matmul_gflops_s', float('nan')):.1f} GFLOP/s")
     path = write("bench_train", {"machine": machine(), "rows": rows, "growth_exponent": growth})
     print(f"wrote {path}")
 
