@@ -11,7 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.convert.common import file_sha, fixed_batch, logits_of, make_run
+from tests.convert.common import file_sha, fixed_batch, logits_of, make_run, tiny_model_config
+from titans_scale.config import RunConfig
+from titans_scale.config_io import dump_toml
 from titans_scale import convert
 from titans_scale.cli import main as cli_main
 from titans_scale.model import TitansLM
@@ -174,3 +176,34 @@ def test_trainer_resumes_a_converted_run(tmp_path):
     assert sa["param_groups"] == sb["param_groups"]
     for pa, pb in zip(sa["state"].values(), sb["state"].values()):
         assert all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+def test_fp8_run_converts_to_weights_and_resumes_with_fresh_scales(tmp_path):
+    """An FP8-trained checkpoint holds each FP8 layer's amax history and scales: conversion
+    keeps the weights only, and a model with FP8 layers loads the result (fresh scales)."""
+    from titans_scale.precision.fp8_emulation import FP8_META_BUFFERS, convert_linears_to_fp8
+    from titans_scale.precision.recipe import Fp8Recipe
+
+    torch.manual_seed(0)
+    cfg = RunConfig(model=tiny_model_config())
+    cfg.train.run_dir = str(tmp_path / "run")
+    model = TitansLM(cfg.model)
+    assert convert_linears_to_fp8(model, Fp8Recipe(), lambda name, _: name.endswith("ffn.w_up"))
+    fp8_keys = [k for k in model.state_dict() if k.endswith(FP8_META_BUFFERS)]
+    assert fp8_keys
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text(dump_toml(cfg))
+    opt = build_optimizer(model, cfg.optim)
+    CheckpointManager(run).save(1, model, opt, {"step": 1})
+    out = convert.write_consolidated(convert.open_checkpoint(run), tmp_path / "c")
+    weights = load_file(out / "model.safetensors")
+    assert not any(k.endswith(FP8_META_BUFFERS) for k in weights)
+    assert set(weights) == {k for k in model.state_dict() if k not in fp8_keys}
+    batch = fixed_batch(cfg.model)
+    # outside fp8_autocast an FP8 layer is its plain linear: the same function as the converted model
+    assert torch.allclose(logits_of(convert.load_model(out), batch), logits_of(model.eval(), batch), rtol=0, atol=1e-6)
+    again = TitansLM(cfg.model)
+    convert_linears_to_fp8(again, Fp8Recipe(), lambda name, _: name.endswith("ffn.w_up"))
+    again.load_state_dict(weights)                       # fresh scales, the trained weights
+    assert torch.equal(again.blocks[0].ffn.w_up.weight, model.blocks[0].ffn.w_up.weight)

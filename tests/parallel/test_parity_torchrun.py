@@ -64,10 +64,10 @@ DP4 = ["parallel.tp=1", "parallel.pp=1", "parallel.microbatches=1", "data.batch_
 REL = 1e-5       # fp32 sums in another order (TP and PP vs DP reductions): equal to rounding
 
 
-def torchrun(config: Path, *overrides: str) -> None:
+def torchrun(config: Path, *overrides: str, nproc: int = 4) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TITANS_NO_PROGRESS": "1"}
     torchrun_bin = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun_bin), "--standalone", "--nproc_per_node=4", "-m", "titans_scale.cli", "train",
+    cmd = [str(torchrun_bin), "--standalone", f"--nproc_per_node={nproc}", "-m", "titans_scale.cli", "train",
            "--config", str(config), *overrides]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stderr[-4000:]}"

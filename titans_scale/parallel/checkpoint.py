@@ -35,6 +35,7 @@ from megatron.core import parallel_state as ps
 from titans_scale.errors import CheckpointError
 from titans_scale.parallel.gather import _unwrap
 from titans_scale.parallel.layout import Layout
+from titans_scale.precision.fp8_emulation import FP8_META_BUFFERS
 from titans_scale.train.checkpoint import LATEST, _fsync_dir, latest_checkpoint, verify_manifest, write_manifest
 
 __all__ = ["ShardedCheckpointer", "model_sharded_state_dict"]
@@ -77,7 +78,20 @@ def model_sharded_state_dict(chunks) -> dict:
             else:
                 out[f"{full}@{pipe_copy}"] = ShardedTensor.from_rank_offsets(
                     full, p, replica_id=(pipe_copy, tp_rank, dp_rank))
+        for name, b in stage.named_buffers():
+            # FP8 scales and amax histories: equal on every TP and DP rank (amaxes are reduced
+            # over both), so saved once, like a replicated weight; a resumed run keeps calibrating
+            if name.endswith(_FP8_STATE):
+                out[f"{name}@0"] = ShardedTensor.from_rank_offsets(name, b, replica_id=(0, tp_rank, dp_rank))
     return out
+
+
+_FP8_STATE = tuple("." + name for name in FP8_META_BUFFERS)
+
+
+def _params(model_sd: dict) -> dict:
+    """The parameters' entries (what the optimizer state maps onto), without FP8 buffers."""
+    return {k: sh for k, sh in model_sd.items() if not sh.key.endswith(_FP8_STATE)}
 
 
 class ShardedCheckpointer:
@@ -129,7 +143,7 @@ class ShardedCheckpointer:
         from megatron.core import dist_checkpointing
 
         model_sd = model_sharded_state_dict(self.engine.chunks)
-        state = {"model": model_sd, "optimizer": self.engine.optimizer_state_for_checkpoint(model_sd),
+        state = {"model": model_sd, "optimizer": self.engine.optimizer_state_for_checkpoint(_params(model_sd)),
                  "trainer": trainer_state}
         dist_checkpointing.save(state, str(folder))
 
@@ -172,7 +186,12 @@ class ShardedCheckpointer:
         from megatron.core import dist_checkpointing
 
         model_sd = model_sharded_state_dict(self.engine.chunks)
-        state = {"model": model_sd, "optimizer": self.engine.optimizer_state_for_checkpoint(model_sd, loading=True),
+        saved = dist_checkpointing.load_tensors_metadata(str(folder))
+        missing_fp8 = [k for k, sh in model_sd.items() if sh.key.endswith(_FP8_STATE) and sh.key not in saved]
+        for k in missing_fp8:            # written by a run without FP8: its layers start fresh scales
+            del model_sd[k]
+        state = {"model": model_sd,
+                 "optimizer": self.engine.optimizer_state_for_checkpoint(_params(model_sd), loading=True),
                  "trainer": None}
         try:
             loaded = dist_checkpointing.load(state, str(folder))
