@@ -16,7 +16,6 @@ into place only when complete.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -58,14 +57,6 @@ def _from_json(v: Any) -> Any:
     if isinstance(v, list):
         return [_from_json(x) for x in v]
     return v
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def is_consolidated(path: Path) -> bool:
@@ -221,7 +212,8 @@ def write_consolidated(reader: CheckpointReader, out: str | Path, *, kind: str |
             src = reader.trainer_state_path()
             safe_torch_load(src)                          # refuse a pickled payload before copying it
             shutil.copyfile(src, tmp / TRAINER_FILE)
-        config["files"] = {p.name: {"bytes": p.stat().st_size, "sha256": _file_sha256(p)}
+        from titans_scale.train.checkpoint import file_sha256  # noqa: PLC0415  (train imports convert)
+        config["files"] = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
                            for p in sorted(tmp.iterdir()) if p.is_file()}
         config["tensors"] = table
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1))

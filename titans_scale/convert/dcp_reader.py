@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 from titans_scale.config import RunConfig, load_run_config
 from titans_scale.errors import CheckpointError
 from titans_scale.model import ModelConfig
-from titans_scale.precision.fp8_emulation import FP8_META_BUFFERS
+from titans_scale.precision.fp8_emulation import is_fp8_meta_key
 
 from .errors import ConvertError
 from .reader import MODEL, OPTIM, CheckpointReader, check_model_tensors
@@ -67,11 +67,6 @@ class _StreamPlanner(SafeLoadPlanner):
         self.out[read_item.dest_index.fqn] = self.state_dict[read_item.dest_index.fqn]
 
 
-# An FP8 run's linears carry their delayed-scaling state as buffers. Conversions keep weights
-# (and optimizer moments); a run loaded from the result starts fresh FP8 scales, which refill
-# within amax_history_len steps, as a checkpoint without FP8 state loads into FP8 layers.
-_FP8_STATE = tuple("." + name for name in FP8_META_BUFFERS)
-
 def _step_of(folder: Path) -> int | None:
     m = re.fullmatch(r"step_(\d+)", folder.name)
     return int(m.group(1)) if m else None
@@ -102,8 +97,10 @@ class DcpReader(CheckpointReader):
         bare = not any(k.startswith(MODEL) for k in self.metadata.state_dict_metadata)
         for key, md in self.metadata.state_dict_metadata.items():
             ours = key_map(key) if key_map else (MODEL + key if bare else key)
-            if ours is None or ours.endswith(_FP8_STATE):
-                continue                        # FP8 scales / amax histories: recipe state, not weights
+            if ours is None or is_fp8_meta_key(ours):
+                # An FP8 run's scales and amax histories are recipe state, not weights: a model
+                # loaded from the conversion starts fresh scales (refilled in amax_history_len steps)
+                continue
             if not ours.startswith((MODEL, OPTIM)):
                 raise ConvertError(f"{self.describe()} holds '{key}', which is neither model.* nor optim.*; "
                                    "pass a key_map for this layout")

@@ -35,7 +35,7 @@ from megatron.core import parallel_state as ps
 from titans_scale.errors import CheckpointError
 from titans_scale.parallel.gather import _unwrap
 from titans_scale.parallel.layout import Layout
-from titans_scale.precision.fp8_emulation import FP8_META_BUFFERS
+from titans_scale.precision.fp8_emulation import is_fp8_meta_key
 from titans_scale.train.checkpoint import LATEST, _fsync_dir, latest_checkpoint, verify_manifest, write_manifest
 
 __all__ = ["ShardedCheckpointer", "model_sharded_state_dict"]
@@ -81,17 +81,15 @@ def model_sharded_state_dict(chunks) -> dict:
         for name, b in stage.named_buffers():
             # FP8 scales and amax histories: equal on every TP and DP rank (amaxes are reduced
             # over both), so saved once, like a replicated weight; a resumed run keeps calibrating
-            if name.endswith(_FP8_STATE):
+            if is_fp8_meta_key(name):
                 out[f"{name}@0"] = ShardedTensor.from_rank_offsets(name, b, replica_id=(0, tp_rank, dp_rank))
     return out
 
 
-_FP8_STATE = tuple("." + name for name in FP8_META_BUFFERS)
-
 
 def _params(model_sd: dict) -> dict:
     """The parameters' entries (what the optimizer state maps onto), without FP8 buffers."""
-    return {k: sh for k, sh in model_sd.items() if not sh.key.endswith(_FP8_STATE)}
+    return {k: sh for k, sh in model_sd.items() if not is_fp8_meta_key(sh.key)}
 
 
 class ShardedCheckpointer:
@@ -187,7 +185,7 @@ class ShardedCheckpointer:
 
         model_sd = model_sharded_state_dict(self.engine.chunks)
         saved = dist_checkpointing.load_tensors_metadata(str(folder))
-        missing_fp8 = [k for k, sh in model_sd.items() if sh.key.endswith(_FP8_STATE) and sh.key not in saved]
+        missing_fp8 = [k for k, sh in model_sd.items() if is_fp8_meta_key(sh.key) and sh.key not in saved]
         for k in missing_fp8:            # written by a run without FP8: its layers start fresh scales
             del model_sd[k]
         state = {"model": model_sd,

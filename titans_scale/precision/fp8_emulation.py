@@ -469,16 +469,17 @@ def convert_linears_to_fp8(
 
 def strip_fp8_meta(state_dict: dict[str, Any]) -> dict[str, Any]:
     """A copy of state_dict without the FP8 buffers, loadable into plain nn.Linear layers."""
-    suffixes = tuple("." + name for name in FP8_META_BUFFERS)
-    return {
-        k: v
-        for k, v in state_dict.items()
-        if not (k.endswith(suffixes) or k in FP8_META_BUFFERS)
-    }
+    return {k: v for k, v in state_dict.items() if not is_fp8_meta_key(k)}
+
+
+def is_fp8_meta_key(key: str) -> bool:
+    """Whether a state-dict key names an FP8 layer's recipe state (scales, amax history)."""
+    return key.rsplit(".", 1)[-1] in FP8_META_BUFFERS
 
 
 __all__ = [
     "FP8_META_BUFFERS",
+    "is_fp8_meta_key",
     "FP8_META_COLUMNS",
     "Fp8Linear",
     "Fp8MetaMixin",

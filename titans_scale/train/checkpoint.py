@@ -35,7 +35,8 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavai
 LATEST = "latest"
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -59,7 +60,7 @@ def _kill_point(name: str, step: int) -> None:
 
 
 def write_manifest(folder: Path) -> None:
-    files = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    files = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
              for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "manifest.json"}
     tmp = folder / "manifest.json.tmp"
     tmp.write_text(json.dumps({"format_version": FORMAT_VERSION, "files": files}, indent=1))
@@ -82,7 +83,7 @@ def verify_manifest(folder: Path) -> None:
         if p.stat().st_size != meta["bytes"]:
             raise CheckpointError(f"checkpoint '{folder}': '{rel}' is truncated "
                                   f"({p.stat().st_size} of {meta['bytes']} bytes)")
-        if _sha256(p) != meta["sha256"]:
+        if file_sha256(p) != meta["sha256"]:
             raise CheckpointError(f"checkpoint '{folder}': '{rel}' does not match its checksum (corrupt)")
 
 
