@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.parallel.parity_helpers import check_parity, reference, train_layout
+from tests.parallel.parity_helpers import check_parity, train_layout
 from titans_scale.parallel.launch_utils import run_distributed
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
@@ -31,11 +31,6 @@ def _four_rank_worker() -> dict:
 @pytest.fixture(scope="module")
 def runs():
     return run_distributed(_four_rank_worker, 4, backend=None, timeout_s=900)
-
-
-@pytest.fixture(scope="module")
-def ref():
-    return reference()
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.parallel.parity_helpers import batches, check_parity, make_cfg, reference, train_layout
+from tests.parallel.parity_helpers import batches, check_parity, make_cfg, train_layout
 from titans_scale.parallel.launch_utils import run_distributed
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
@@ -66,11 +66,6 @@ def _two_rank_worker(root: str) -> dict:
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("zero_ckpt")
     return run_distributed(_two_rank_worker, 2, str(root), backend=None, timeout_s=900)
-
-
-@pytest.fixture(scope="module")
-def ref():
-    return reference()
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.parallel.parity_helpers import batches, check_parity, make_cfg, reference, train_layout
+from tests.parallel.parity_helpers import batches, check_parity, make_cfg, train_layout
 from titans_scale.parallel.launch_utils import run_distributed
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
@@ -124,11 +124,6 @@ def _two_rank_worker(ckpt_root: str) -> dict:
 def runs(tmp_path_factory):
     ckpt_root = tmp_path_factory.mktemp("reshard")
     return run_distributed(_two_rank_worker, 2, str(ckpt_root), backend=None, timeout_s=900)
-
-
-@pytest.fixture(scope="module")
-def ref():
-    return reference()
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))

@@ -1,0 +1,11 @@
+"""Fixtures shared by the parity tests."""
+
+import pytest
+
+from tests.parallel.parity_helpers import reference
+
+
+@pytest.fixture(scope="session")
+def ref():
+    """The one-process run every layout is compared with (computed once per test session)."""
+    return reference()
