@@ -13,15 +13,12 @@ Depth 1 and 2; deeper memories use impl="chunked".
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
+from .mlp import _INV_SQRT2PI
 from .scan_function import ScanConfig, scan_with_backend
 from .state import MemoryState
-
-_INV_SQRT2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
 def _gelu_grad2(h: torch.Tensor) -> torch.Tensor:
