@@ -42,7 +42,10 @@ def child(args: dict) -> dict:
     from titans_scale.train.hardware import measured_matmul_flops, retain_freed_memory
 
     torch.set_num_threads(args["threads"])
-    retain_freed_memory()                     # as the trainer does on CPU (train.retain_memory)
+    from titans_scale.train.allocator import loaded_allocator
+    allocator = loaded_allocator()            # tcmalloc when run_child preloaded it (--allocator)
+    if allocator == "glibc":
+        retain_freed_memory()                 # as the trainer does on glibc (train.retain_memory)
     torch.manual_seed(0)
     cfg = ModelConfig(**SHAPE)
     L, what, impl = args["length"], args["what"], args["impl"]
@@ -70,7 +73,7 @@ def child(args: dict) -> dict:
     op_f, layer_f = layer_flops_per_token(cfg)
     flops = (layer_f if what == "layer" else op_f) * L
     rate = measured_matmul_flops(torch.float32, n=1024)
-    return {**args, "seconds": sec, "tokens_per_s": L / sec, "peak_rss_mb": peak_rss_mb(),
+    return {**args, "allocator": allocator, "seconds": sec, "tokens_per_s": L / sec, "peak_rss_mb": peak_rss_mb(),
             "gflops": flops / 1e9, "achieved_gflops_s": flops / sec / 1e9, "matmul_gflops_s": rate / 1e9,
             "mfu": flops / sec / rate}
 

@@ -43,7 +43,10 @@ def child(args: dict) -> dict:
     from titans_scale.train.optim import build_optimizer
 
     torch.set_num_threads(args["threads"])
-    retain_freed_memory()                     # as the trainer does on CPU (train.retain_memory)
+    from titans_scale.train.allocator import loaded_allocator
+    allocator = loaded_allocator()            # tcmalloc when run_child preloaded it (--allocator)
+    if allocator == "glibc":
+        retain_freed_memory()                 # as the trainer does on glibc (train.retain_memory)
     torch.manual_seed(0)
     L = args["length"]
     layers = VARIANTS[args["variant"]]
@@ -64,7 +67,7 @@ def child(args: dict) -> dict:
     sec = timed(step, repeats=3, warmup=2)        # the allocator's heap settles in ~3 steps
     fpt = model_flops_per_token(cfg.model, L)
     rate = measured_matmul_flops(torch.float32, n=1024)
-    return {**args, "seconds": sec, "tokens_per_s": L / sec, "peak_rss_mb": peak_rss_mb(),
+    return {**args, "allocator": allocator, "seconds": sec, "tokens_per_s": L / sec, "peak_rss_mb": peak_rss_mb(),
             "gflop_per_token": fpt / 1e9, "mfu": fpt * L / sec / rate, "matmul_gflops_s": rate / 1e9,
             "params_m": model.num_params(False) / 1e6}
 

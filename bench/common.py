@@ -12,11 +12,31 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ALLOCATOR = "auto"          # --allocator: what run_child preloads (set by parse_bench_args)
+
+
+def child_env(threads: int, allocator: str | None = None) -> dict:
+    """The environment of a measurement child: its thread count and, unless --allocator glibc,
+    tcmalloc in LD_PRELOAD where installed (as `titans-scale train` runs on CPU, train.allocator)."""
+    from titans_scale.train.allocator import find_tcmalloc, preload_env
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    allocator = allocator or ALLOCATOR
+    if allocator == "glibc":
+        return env
+    lib = find_tcmalloc()
+    if lib is None:
+        if allocator == "tcmalloc":
+            raise SystemExit("--allocator tcmalloc: not found (apt-get install libtcmalloc-minimal4 "
+                             "or set TITANS_TCMALLOC=/path/to/libtcmalloc_minimal.so.4)")
+        return env
+    return preload_env(env, lib)
 
 
 def run_child(script: str, args: dict, timeout: float) -> dict:
     """Run `python script --child JSON`; the child prints one JSON line last."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.get("threads", 2))}
+    env = child_env(args.get("threads", 2))
     try:
         r = subprocess.run([sys.executable, script, "--child", json.dumps(args)], capture_output=True,
                            text=True, timeout=timeout, env=env)
@@ -28,12 +48,16 @@ def run_child(script: str, args: dict, timeout: float) -> dict:
 
 
 def parse_bench_args(ap, child_fn):
-    """Add --threads/--timeout/--child and parse; a child process (--child JSON) runs
-    child_fn on its arguments, prints the JSON result and exits."""
+    """Add --threads/--timeout/--allocator/--child and parse; a child process (--child JSON)
+    runs child_fn on its arguments, prints the JSON result and exits."""
+    global ALLOCATOR
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--allocator", choices=("auto", "tcmalloc", "glibc"), default="auto",
+                    help="the children's malloc: auto = tcmalloc where installed (LD_PRELOAD), else glibc")
     ap.add_argument("--child")
     a = ap.parse_args()
+    ALLOCATOR = a.allocator
     if a.child:
         print(json.dumps(child_fn(json.loads(a.child))))
         raise SystemExit(0)

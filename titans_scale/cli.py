@@ -33,9 +33,11 @@ def _distributed_launch(cfg) -> bool:
 
 def _cmd_train(args) -> int:
     from titans_scale.config import load_run_config
-    from titans_scale.train.trainer import Trainer
+    from titans_scale.train.allocator import ensure_allocator
 
     cfg = load_run_config(args.config, args.overrides)
+    # CPU: re-run this command once on tcmalloc (train.allocator); only a command-line run can be re-run
+    ensure_allocator(cfg.train.allocator, sys.argv[1:] if getattr(args, "from_command_line", False) else None)
     if _distributed_launch(cfg):        # torchrun (WORLD_SIZE > 1) or a parallel layout
         import os
 
@@ -46,6 +48,7 @@ def _cmd_train(args) -> int:
         if main_rank:
             print(json.dumps({"step": step, **{k: round(v, 5) for k, v in last.items()}}))
     else:
+        from titans_scale.train.trainer import Trainer
         trainer = Trainer(cfg, resume=not args.fresh)
         last = trainer.run()
         print(json.dumps({"step": trainer.step, **{k: round(v, 5) for k, v in last.items()}}))
@@ -155,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     args = build_parser().parse_args(argv)
+    args.from_command_line = argv is None       # sys.argv: the process's own command, which can be re-run
     from titans_scale.errors import TitansError
     try:
         return args.fn(args)

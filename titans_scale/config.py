@@ -54,6 +54,8 @@ class TrainConfig:
     max_bad_steps: int = 3            # consecutive non-finite steps before the run stops
     threads: int = 0                  # torch intra-op threads; 0 = torch's default
     retain_memory: bool = True        # CPU (glibc): keep freed memory for reuse, no page faults per step
+    allocator: str = "auto"           # CPU: auto (tcmalloc when installed, else glibc + retain_memory)
+                                      # | tcmalloc (required: an error if missing) | glibc (never preload)
     progress: bool = True
     tensorboard: bool = True
 
@@ -106,6 +108,8 @@ class RunConfig:
         need(self.train.precision in ("fp32", "bf16", "fp8"), "train.precision",
              f"must be fp32, bf16 or fp8, got {self.train.precision!r}")
         need(self.train.ckpt_every >= 1, "train.ckpt_every", "must be >= 1")
+        need(self.train.allocator in ("auto", "tcmalloc", "glibc"), "train.allocator",
+             f"must be auto, tcmalloc or glibc, got {self.train.allocator!r}")
         need(self.train.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1")
         need(self.parallel.engine in ("megatron", "deepspeed"), "parallel.engine",
              f"must be megatron or deepspeed, got {self.parallel.engine!r}")

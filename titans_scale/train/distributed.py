@@ -45,7 +45,7 @@ class DistributedTrainer:
         self.cfg = cfg.validate()
         t = cfg.train
         plan_layout(cfg, world_size_from_env())       # refuse a bad layout before any process group
-        configure_host(t)
+        self.allocator = configure_host(t)
         self.rt = ParallelRuntime(cfg)
         self.layout, self.engine = self.rt.layout, self.rt.engine
         self.rank = dist.get_rank()
@@ -104,9 +104,10 @@ class DistributedTrainer:
         rate = measured_matmul_flops() * self.layout.world_size
         tokens_per_step = cfg.data.batch_size * self.layout.dp * cfg.data.seq_len
         self.metrics.log("start", self.step, layout=self.layout.describe(), matmul_flops=rate,
-                         flops_per_token=self.flops_per_token)
+                         flops_per_token=self.flops_per_token, allocator=self.allocator)
         if self.is_logger:
-            log.info("training on %d processes: %s", self.layout.world_size, self.layout.describe())
+            log.info("training on %d processes: %s | allocator %s", self.layout.world_size,
+                     self.layout.describe(), self.allocator)
         bar = _progress(t.progress and self.is_logger, self.step, t.steps)
         with PreemptionGuard() as guard:
             last = self._loop(guard, bar, rate, tokens_per_step)

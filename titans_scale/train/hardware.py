@@ -30,12 +30,19 @@ def retain_freed_memory() -> bool:
         return False
 
 
-def configure_host(train_cfg) -> None:
-    """The run's thread count and, on CPU runs, the allocator (train.threads, train.retain_memory)."""
+def configure_host(train_cfg) -> str:
+    """The run's thread count and, on CPU runs on glibc malloc, its settings (train.threads,
+    train.retain_memory). Returns the allocator in use: "tcmalloc" (train.allocator, chosen at
+    process start by titans_scale.train.allocator), "glibc" or "glibc+retain"."""
+    from titans_scale.train.allocator import loaded_allocator
+
     if train_cfg.threads:
         torch.set_num_threads(train_cfg.threads)
-    if train_cfg.retain_memory and not torch.cuda.is_available():
-        retain_freed_memory()
+    allocator = loaded_allocator()
+    if allocator == "glibc" and train_cfg.retain_memory and not torch.cuda.is_available():
+        if retain_freed_memory():               # mallopt is glibc's: tcmalloc has its own heap
+            allocator = "glibc+retain"
+    return allocator
 
 
 def measured_matmul_flops(dtype: torch.dtype = torch.float32, n: int = 1024, repeats: int = 7,

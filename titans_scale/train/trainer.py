@@ -82,7 +82,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, resume: bool = False):
         self.cfg = cfg.validate()
         t = cfg.train
-        configure_host(t)
+        self.allocator = configure_host(t)
         torch.manual_seed(t.seed)
         self.run_dir = Path(t.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -142,9 +142,10 @@ class Trainer:
         tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
         unigram = self.data.unigram_entropy()
         self.metrics.log("start", self.step, params=self.model.num_params(), matmul_flops=rate,
-                         flops_per_token=self.flops_per_token, unigram_loss=unigram)
+                         flops_per_token=self.flops_per_token, unigram_loss=unigram, allocator=self.allocator)
         log.info("%.2fM parameters | %.1f MFLOP/token | fp32 matmul %.1f GFLOP/s | unigram baseline "
-                 "loss %.3f", self.model.num_params() / 1e6, self.flops_per_token / 1e6, rate / 1e9, unigram)
+                 "loss %.3f | %d threads | allocator %s", self.model.num_params() / 1e6, self.flops_per_token / 1e6,
+                 rate / 1e9, unigram, torch.get_num_threads(), self.allocator)
         bar = _progress(t.progress, self.step, t.steps)
         with PreemptionGuard() as guard:
             last = self._loop(guard, bar, rate, tokens_per_step)
