@@ -61,3 +61,30 @@ def test_swiglu_equals_formula_with_gradients():
     probe = torch.randn(5, 33, generator=g, dtype=torch.float64)
     for name, x, y in zip(("y", "dg", "du"), _grads(swiglu.swiglu, (a, b), probe), _grads(swiglu.naive, (a, b), probe)):
         assert rel_err(x, y) < 1e-12, name
+
+
+def test_memory_read_equals_mlp_forward_and_keeps_one_hidden_tensor():
+    """ops/mlp.mlp_read (MAC's per-segment read) == mlp_forward, values and gradients in
+    float64, and it keeps one [.., n, hidden] tensor for backward where autograd keeps two."""
+    from titans_scale.ops import mlp
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 9, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    w1 = (torch.randn(2, 3, 8, 32, generator=g, dtype=torch.float64) / 3).requires_grad_(True)
+    w2 = (torch.randn(2, 3, 32, 8, generator=g, dtype=torch.float64) / 6).requires_grad_(True)
+    probe = torch.randn(2, 3, 9, 8, generator=g, dtype=torch.float64)
+    ref = _grads(lambda a, b, c: mlp.mlp_forward([b, c], a), (x, w1, w2), probe)
+    got = _grads(lambda a, b, c: mlp.mlp_read([b, c], a), (x, w1, w2), probe)
+    for name, a, b in zip(("y", "dx", "dw1", "dw2"), got, ref):
+        assert rel_err(a, b) < 1e-12, name
+
+    def hidden_saved(f):
+        seen = set()
+        def pack(t):
+            if t.shape[-1] == 32 and t.shape[-2] == 9:
+                seen.add(t.untyped_storage().data_ptr())
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            f([w1, w2], x)
+        return len(seen)
+    assert hidden_saved(mlp.mlp_forward) == 2 and hidden_saved(mlp.mlp_read) == 1

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from titans_scale.ops.memory import MemoryState, memory_scan
-from titans_scale.ops.mlp import mlp_forward
+from titans_scale.ops.mlp import mlp_read
 from titans_scale.ops.state import state_dtype
 
 from .config import ModelConfig
@@ -111,7 +111,7 @@ class NeuralMemory(nn.Module):
 
     def read(self, weights: list[torch.Tensor], q: torch.Tensor) -> torch.Tensor:
         """f_W(q) without an update (the retrieval M*(q) of Eq. 15), in the state's precision."""
-        return mlp_forward(weights, q.to(weights[0].dtype))
+        return mlp_read(weights, q.to(weights[0].dtype))
 
     def output(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """W_O(norm(y) * sigmoid(x W_G)); y: [B, H, L, d] retrieved, x: [B, L, D] gate input."""

@@ -33,6 +33,36 @@ def mlp_forward(weights: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     return x + z @ weights[-1]
 
 
+class _Read2(torch.autograd.Function):
+    """f(x) = x + gelu(x W1) W2 keeping x, h = x W1 and the weights for backward, not also
+    gelu(h): autograd would keep both [.., n, hidden] tensors (MAC reads the memory every
+    segment; at 16k tokens that is ~100 MiB per memory layer)."""
+
+    @staticmethod
+    def forward(ctx, x, w1, w2):
+        h = x @ w1
+        ctx.save_for_backward(x, w1, w2, h)
+        return x + F.gelu(h) @ w2                     # as mlp_forward computes it: equal bits
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w1, w2, h = ctx.saved_tensors
+        z = F.gelu(h)
+        dh = torch.ops.aten.gelu_backward(dy @ w2.transpose(-1, -2), h)
+        dx = dy + dh @ w1.transpose(-1, -2)
+        dw1 = x.transpose(-1, -2) @ dh
+        dw2 = z.transpose(-1, -2) @ dy
+        return dx, dw1, dw2
+
+
+def mlp_read(weights: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """mlp_forward for reads (no update): equal values and gradients, and a depth-2 memory
+    keeps one [.., n, hidden] activation for backward instead of two."""
+    if len(weights) == 2 and x.shape[:-2] == weights[0].shape[:-2] == weights[1].shape[:-2]:
+        return _Read2.apply(x, *weights)
+    return mlp_forward(weights, x)
+
+
 def mlp_grad_factors(
     weights: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
