@@ -37,7 +37,12 @@ def link_rank_logs(env=os.environ) -> Path | None:
 def main(argv: list[str] | None = None) -> int:
     import torch                                   # reads OMP_NUM_THREADS, as the trainer's torch will
 
+    from titans_scale.train.allocator import ENV_REEXEC
+
     env = os.environ
+    if ENV_REEXEC in env:                          # the same rank again after train.allocator's re-exec:
+        from titans_scale.cli import main as cli_main   # its banner and log link are already there
+        return cli_main(argv)
     print(f"titans-scale worker: rank {env.get('RANK', '0')} of {env.get('WORLD_SIZE', '1')} "
           f"(local rank {env.get('LOCAL_RANK', '0')}, node {env.get('GROUP_RANK', '0')}) on "
           f"{socket.gethostname()}, {torch.get_num_threads()} torch thread(s)", file=sys.stderr, flush=True)
