@@ -135,8 +135,10 @@ class MAC(nn.Module):
         xx = torch.cat([state.tail, x], dim=1)
         start = pos0 + x.shape[1] - xx.shape[1]
         mem, conv_x, outs = state.memory, state.conv_x, []
-        for s0 in range(0, xx.shape[1], self.segment):
-            xs = xx[:, s0:s0 + self.segment]
+        # split, not slicing: each slice's backward would zero-fill a gradient the size of xx
+        # (O(L^2 / segment) work over a sequence); split's backward concatenates once
+        for i, xs in enumerate(xx.split(self.segment, dim=1)):
+            s0 = i * self.segment
             (q,), conv_x_next = self.memory.project(xs, conv_x, parts=1)
             h = self.memory.output(self.memory.read(mem.memory.chunk_start, q), xs)  # Eq. 21
             y = self.attn.segments(xs, start + s0, self.segment, h)                      # Eqs. 22-23
