@@ -46,22 +46,30 @@ def configure_host(train_cfg) -> str:
 
 
 def measured_matmul_flops(dtype: torch.dtype = torch.float32, n: int = 1024, repeats: int = 7,
-                          device: str = "cpu") -> float:
-    """FLOP/s of the fastest of `repeats` n^3 matmuls on this machine, now: the peak the
-    machine sustains, as MFU's denominator wants (a median let one busy moment of a shared
-    machine halve the rate and double the MFU)."""
+                          device: str = "cpu", seconds: float = 0.25) -> float:
+    """FLOP/s of the fastest n^3 matmul on this machine, now: the peak the machine sustains,
+    as MFU's denominator wants (a median let one busy moment of a shared machine halve the
+    rate and double the MFU). Warmed up for ~0.1 s first, then timed over at least `repeats`
+    calls and `seconds`: the first few calls of a fresh process ran 10-15% slow (thread pool
+    and BLAS start-up), and 7 calls (~45 ms on 2 cores) could all fall in one busy moment."""
     a = torch.randn(n, n, dtype=dtype, device=device)
     b = torch.randn(n, n, dtype=dtype, device=device)
-    a @ b
-    times = []
-    for _ in range(repeats):
+
+    def one() -> float:
         if device == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
         a @ b
         if device == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
+        return time.perf_counter() - t
+
+    start = time.perf_counter()
+    while time.perf_counter() - start < 0.1:
+        one()
+    times, start = [], time.perf_counter()
+    while len(times) < repeats or (time.perf_counter() - start < seconds and len(times) < 200):
+        times.append(one())
     return 2 * n ** 3 / min(times)
 
 
