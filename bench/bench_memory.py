@@ -39,13 +39,10 @@ def child(args: dict) -> dict:
     from titans_scale.model import ModelConfig
     from titans_scale.model.memory import NeuralMemory
     from titans_scale.ops.memory import memory_scan
-    from titans_scale.train.hardware import measured_matmul_flops, retain_freed_memory
+    from titans_scale.train.hardware import host_allocator, measured_matmul_flops
 
     torch.set_num_threads(args["threads"])
-    from titans_scale.train.allocator import loaded_allocator
-    allocator = loaded_allocator()            # tcmalloc when run_child preloaded it (--allocator)
-    if allocator == "glibc":
-        retain_freed_memory()                 # as the trainer does on glibc (train.retain_memory)
+    allocator = host_allocator()              # as the trainer: tcmalloc if run_child preloaded it, else glibc+retain
     torch.manual_seed(0)
     cfg = ModelConfig(**SHAPE)
     L, what, impl = args["length"], args["what"], args["impl"]

@@ -39,14 +39,11 @@ def child(args: dict) -> dict:
     from titans_scale.config import load_run_config
     from titans_scale.flops import model_flops_per_token
     from titans_scale.model import TitansLM
-    from titans_scale.train.hardware import measured_matmul_flops, retain_freed_memory
+    from titans_scale.train.hardware import host_allocator, measured_matmul_flops
     from titans_scale.train.optim import build_optimizer
 
     torch.set_num_threads(args["threads"])
-    from titans_scale.train.allocator import loaded_allocator
-    allocator = loaded_allocator()            # tcmalloc when run_child preloaded it (--allocator)
-    if allocator == "glibc":
-        retain_freed_memory()                 # as the trainer does on glibc (train.retain_memory)
+    allocator = host_allocator()              # as the trainer: tcmalloc if run_child preloaded it, else glibc+retain
     torch.manual_seed(0)
     L = args["length"]
     layers = VARIANTS[args["variant"]]

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 ALLOCATOR = "auto"          # --allocator: what run_child preloads (set by parse_bench_args)
 
 
@@ -53,7 +52,9 @@ def parse_bench_args(ap, child_fn):
     global ALLOCATOR
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=900)
-    ap.add_argument("--allocator", choices=("auto", "tcmalloc", "glibc"), default="auto",
+    from titans_scale.train.allocator import CHOICES
+
+    ap.add_argument("--allocator", choices=CHOICES, default="auto",
                     help="the children's malloc: auto = tcmalloc where installed (LD_PRELOAD), else glibc")
     ap.add_argument("--child")
     a = ap.parse_args()

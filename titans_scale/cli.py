@@ -37,7 +37,7 @@ def _cmd_train(args) -> int:
 
     cfg = load_run_config(args.config, args.overrides)
     # CPU: re-run this command once on tcmalloc (train.allocator); only a command-line run can be re-run
-    ensure_allocator(cfg.train.allocator, sys.argv[1:] if getattr(args, "from_command_line", False) else None)
+    ensure_allocator(cfg.train.allocator, sys.argv[1:] if args.from_command_line else None)
     if _distributed_launch(cfg):        # torchrun (WORLD_SIZE > 1) or a parallel layout
         import os
 

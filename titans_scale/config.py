@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from titans_scale.config_io import load_config
 from titans_scale.errors import ConfigError
 from titans_scale.model.config import ModelConfig
+from titans_scale.train.allocator import CHOICES as ALLOCATORS
 
 
 @dataclass
@@ -108,8 +109,8 @@ class RunConfig:
         need(self.train.precision in ("fp32", "bf16", "fp8"), "train.precision",
              f"must be fp32, bf16 or fp8, got {self.train.precision!r}")
         need(self.train.ckpt_every >= 1, "train.ckpt_every", "must be >= 1")
-        need(self.train.allocator in ("auto", "tcmalloc", "glibc"), "train.allocator",
-             f"must be auto, tcmalloc or glibc, got {self.train.allocator!r}")
+        need(self.train.allocator in ALLOCATORS, "train.allocator",
+             f"must be {', '.join(ALLOCATORS[:-1])} or {ALLOCATORS[-1]}, got {self.train.allocator!r}")
         need(self.train.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1")
         need(self.parallel.engine in ("megatron", "deepspeed"), "parallel.engine",
              f"must be megatron or deepspeed, got {self.parallel.engine!r}")

@@ -40,16 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     from titans_scale.train.allocator import ENV_REEXEC
 
     env = os.environ
-    if ENV_REEXEC in env:                          # the same rank again after train.allocator's re-exec:
-        from titans_scale.cli import main as cli_main   # its banner and log link are already there
-        return cli_main(argv)
-    print(f"titans-scale worker: rank {env.get('RANK', '0')} of {env.get('WORLD_SIZE', '1')} "
-          f"(local rank {env.get('LOCAL_RANK', '0')}, node {env.get('GROUP_RANK', '0')}) on "
-          f"{socket.gethostname()}, {torch.get_num_threads()} torch thread(s)", file=sys.stderr, flush=True)
-    try:
-        link_rank_logs(env)
-    except OSError as e:                           # logs are a convenience: never fail a run for them
-        print(f"titans-scale worker: could not link the rank log ({e})", file=sys.stderr)
+    if ENV_REEXEC not in env:                      # after train.allocator's re-exec both are already done
+        print(f"titans-scale worker: rank {env.get('RANK', '0')} of {env.get('WORLD_SIZE', '1')} "
+              f"(local rank {env.get('LOCAL_RANK', '0')}, node {env.get('GROUP_RANK', '0')}) on "
+              f"{socket.gethostname()}, {torch.get_num_threads()} torch thread(s)", file=sys.stderr, flush=True)
+        try:
+            link_rank_logs(env)
+        except OSError as e:                       # logs are a convenience: never fail a run for them
+            print(f"titans-scale worker: could not link the rank log ({e})", file=sys.stderr)
     from titans_scale.cli import main as cli_main
     return cli_main(argv)
 

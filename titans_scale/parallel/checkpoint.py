@@ -86,7 +86,6 @@ def model_sharded_state_dict(chunks) -> dict:
     return out
 
 
-
 def _params(model_sd: dict) -> dict:
     """The parameters' entries (what the optimizer state maps onto), without FP8 buffers."""
     return {k: sh for k, sh in model_sd.items() if not is_fp8_meta_key(sh.key)}

@@ -19,7 +19,7 @@ from titans_scale.errors import ConfigError
 
 ENV_LIB = "TITANS_TCMALLOC"                     # a path to the library: the user's choice, used alone
 ENV_REEXEC = "TITANS_ALLOCATOR_REEXEC"          # set across our one re-exec: the preloaded path, or "-"
-CHOICES = ("auto", "tcmalloc", "glibc")
+CHOICES = ("auto", "tcmalloc", "glibc")         # train.allocator (validated in config.py)
 _KNOWN_PATHS = (
     "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",     # Debian, Ubuntu
     "/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4",
@@ -67,15 +67,19 @@ def loaded_allocator() -> str:
     return "tcmalloc" if "libtcmalloc" in maps else "glibc"
 
 
+def _preloaded(env) -> list[str]:
+    """The entries of env's LD_PRELOAD (the loader splits it on colons and spaces)."""
+    return [p for p in env.get("LD_PRELOAD", "").replace(" ", ":").split(":") if p]
+
+
 def preload_env(env: dict, lib: str) -> dict:
     """A copy of env with lib first in LD_PRELOAD (once)."""
-    rest = [p for p in env.get("LD_PRELOAD", "").replace(" ", ":").split(":") if p and p != lib]
-    return {**env, "LD_PRELOAD": ":".join([lib, *rest])}
+    return {**env, "LD_PRELOAD": ":".join([lib, *(p for p in _preloaded(env) if p != lib)])}
 
 
 def _drop_preload(lib: str) -> None:
     """Take lib out of this process's LD_PRELOAD (it stays loaded; children do not inherit it)."""
-    rest = [p for p in os.environ.get("LD_PRELOAD", "").replace(" ", ":").split(":") if p and p != lib]
+    rest = [p for p in _preloaded(os.environ) if p != lib]
     if rest:
         os.environ["LD_PRELOAD"] = ":".join(rest)
     else:
@@ -101,7 +105,8 @@ def _reexec_argv(argv: list[str]) -> list[str]:
 
 
 def ensure_allocator(choice: str, argv: list[str] | None) -> None:
-    """Make this CPU process run on tcmalloc as train.allocator asks, re-executing the command
+    """Make this CPU process run on tcmalloc as train.allocator (one of CHOICES, checked by the
+    config) asks, re-executing the command
     (argv: its arguments after the program, sys.argv[1:]) once with LD_PRELOAD when needed.
     argv None: the command cannot be re-run (called in-process): "auto" stays on glibc."""
     added = os.environ.pop(ENV_REEXEC, None)
@@ -112,8 +117,6 @@ def ensure_allocator(choice: str, argv: list[str] | None) -> None:
             print(f"titans-scale: warning: tcmalloc ({added}) did not load; training on glibc malloc "
                   "(train.allocator)", file=sys.stderr, flush=True)
             return
-    if choice not in CHOICES:
-        raise ConfigError(f"train.allocator: must be auto, tcmalloc or glibc, got {choice!r}")
     if choice == "glibc" or loaded_allocator() == "tcmalloc" or added is not None:
         return
     import torch
@@ -132,7 +135,7 @@ def ensure_allocator(choice: str, argv: list[str] | None) -> None:
             raise ConfigError(f"train.allocator: tcmalloc is not loaded in this process; run it with "
                               f"LD_PRELOAD={lib} or from the command line, or train.allocator=\"glibc\"")
         return
-    user_has = lib in os.environ.get("LD_PRELOAD", "").replace(" ", ":").split(":")
+    user_has = lib in _preloaded(os.environ)
     env = preload_env(dict(os.environ), lib)
     env[ENV_REEXEC] = "-" if user_has else lib
     sys.stdout.flush()

@@ -30,19 +30,24 @@ def retain_freed_memory() -> bool:
         return False
 
 
-def configure_host(train_cfg) -> str:
-    """The run's thread count and, on CPU runs on glibc malloc, its settings (train.threads,
-    train.retain_memory). Returns the allocator in use: "tcmalloc" (train.allocator, chosen at
-    process start by titans_scale.train.allocator), "glibc" or "glibc+retain"."""
+def host_allocator(retain: bool = True) -> str:
+    """The allocator in use: "tcmalloc" (train.allocator, chosen at process start by
+    titans_scale.train.allocator), "glibc", or "glibc+retain" when retain asks for
+    retain_freed_memory on a CPU run (mallopt is glibc's: tcmalloc has its own heap)."""
     from titans_scale.train.allocator import loaded_allocator
 
+    allocator = loaded_allocator()
+    if allocator == "glibc" and retain and not torch.cuda.is_available() and retain_freed_memory():
+        allocator = "glibc+retain"
+    return allocator
+
+
+def configure_host(train_cfg) -> str:
+    """The run's thread count and allocator settings (train.threads, train.retain_memory);
+    returns host_allocator's name for the allocator in use."""
     if train_cfg.threads:
         torch.set_num_threads(train_cfg.threads)
-    allocator = loaded_allocator()
-    if allocator == "glibc" and train_cfg.retain_memory and not torch.cuda.is_available():
-        if retain_freed_memory():               # mallopt is glibc's: tcmalloc has its own heap
-            allocator = "glibc+retain"
-    return allocator
+    return host_allocator(train_cfg.retain_memory)
 
 
 def measured_matmul_flops(dtype: torch.dtype = torch.float32, n: int = 1024, repeats: int = 7,
