@@ -33,11 +33,13 @@ def test_rms_norm_keeps_the_formulas_dtypes(dtype):
     assert x.grad.dtype == dtype and w.grad.dtype == torch.float32
 
 
-def _full_width_saved(f, *inputs) -> int:
-    """Distinct tensors of the input's size that autograd keeps for f's backward."""
+def _full_width_saved(f, *inputs, numel: int | None = None) -> int:
+    """Distinct tensors of the first input's size (or of `numel` elements) that autograd keeps
+    for f's backward."""
+    size = numel or inputs[0].numel()
     storages = set()
     def pack(t):
-        if t.numel() == inputs[0].numel():
+        if t.numel() == size:
             storages.add(t.untyped_storage().data_ptr())
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -78,13 +80,6 @@ def test_memory_read_equals_mlp_forward_and_keeps_one_hidden_tensor():
     for name, a, b in zip(("y", "dx", "dw1", "dw2"), got, ref):
         assert rel_err(a, b) < 1e-12, name
 
-    def hidden_saved(f):
-        seen = set()
-        def pack(t):
-            if t.shape[-1] == 32 and t.shape[-2] == 9:
-                seen.add(t.untyped_storage().data_ptr())
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            f([w1, w2], x)
-        return len(seen)
-    assert hidden_saved(mlp.mlp_forward) == 2 and hidden_saved(mlp.mlp_read) == 1
+    hidden = 2 * 3 * 9 * 32                                    # an [.., n, hidden] activation
+    saved = lambda f: _full_width_saved(lambda a, b, c: f([b, c], a), x, w1, w2, numel=hidden)  # noqa: E731
+    assert saved(mlp.mlp_forward) == 2 and saved(mlp.mlp_read) == 1
