@@ -2,8 +2,9 @@
 
 One Slurm task per node runs the torchrun agent (titans_scale.launcher.torchrun), which starts
 that node's ranks; the agents meet at a c10d rendezvous served by the first node of the
-allocation. The script is meant to be read and edited by a person: `#SBATCH` options first,
-then plain variables, then one srun line.
+allocation. The script's text is a template, slurm/train.sbatch (slurm/sweep_array.sbatch for a
+job array), meant to be read and edited by a person: `#SBATCH` options first, then plain
+variables, then one srun line. This module computes the values it fills in.
 
 Every value that comes from the user (job name, paths, overrides, extra sbatch options) is
 quoted: shell words with shlex.quote, `#SBATCH` values with sbatch's own rules (double quotes,
@@ -18,15 +19,14 @@ import shlex
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from importlib import resources
 
 from titans_scale.errors import ConfigError, TitansError
 from titans_scale.launcher.env import rank_env
 from titans_scale.launcher.layout import Layout
 from titans_scale.launcher.requeue import REQUEUE_ENV
 from titans_scale.launcher.shell import Shell, command, word
-from titans_scale.launcher.torchrun import AGENT_MODULE, Rendezvous, TorchrunCommand
-
-RDZV_PORT_BASE = 29500       # + job id % 1000: below Linux's ephemeral ports (32768+)
+from titans_scale.launcher.torchrun import Rendezvous, TorchrunCommand
 
 
 class SlurmError(TitansError):
@@ -100,12 +100,38 @@ def _array(name: str, words: list[str]) -> str:
 
 # ------------------------------------------------------------------------------ render
 
+# The templates (slurm/ in the repository, installed as titans_scale.slurm; syntax in
+# slurm/README.md): `{{name}}` is replaced by a value already quoted for where it stands, and a
+# line holding only `{{name}}` by the value's lines, or by nothing when the value is empty.
+TEMPLATES = {False: "train.sbatch", True: "sweep_array.sbatch"}     # keyed by "is a job array"
+_PLACEHOLDER = re.compile(r"^\{\{(?P<line>\w+)\}\}\n|\{\{(?P<name>\w+)\}\}", re.M)
+
+
+def template_text(name: str) -> str:
+    return resources.files("titans_scale.slurm").joinpath(name).read_text(encoding="utf-8")
+
+
+def fill(template: str, values: dict[str, str]) -> str:
+    """The template with its placeholders replaced in one pass (a value that itself holds
+    `{{x}}` stays as it is). Every placeholder needs a value and every value a placeholder."""
+    used = {m["line"] or m["name"] for m in _PLACEHOLDER.finditer(template)}
+    if used != set(values):
+        raise TitansError(f"sbatch template and renderer disagree: no value for {sorted(used - set(values))}, "
+                          f"no placeholder for {sorted(set(values) - used)}")
+
+    def one(m: re.Match) -> str:
+        if m["line"]:
+            value = values[m["line"]]
+            return value + "\n" if value else ""
+        return values[m["name"]]
+    return _PLACEHOLDER.sub(one, template)
+
 
 def _cpus(job: SlurmJob) -> int:
     return job.cpus_per_task or job.layout.nproc_per_node * job.threads_per_rank
 
 
-def _header(job: SlurmJob) -> list[str]:
+def _directives(job: SlurmJob) -> list[str]:
     lay = job.layout
     cpus = _cpus(job)
     d = [directive("--job-name", job.job_name), directive("--nodes", lay.nnodes),
@@ -130,11 +156,20 @@ def _header(job: SlurmJob) -> list[str]:
     return d
 
 
-def render_sbatch(job: SlurmJob) -> str:
+def _words(words: list[str]) -> str:
+    return " ".join(map(word, words))
+
+
+def _exports(env: dict[str, str]) -> str:
+    return " ".join(_assign(k, v) for k, v in env.items())
+
+
+def template_values(job: SlurmJob) -> dict[str, str]:
+    """Every placeholder of the job's template, quoted for its place in the script."""
     lay = job.layout
-    kind = "GPU" if lay.gpu else "CPU"
     env = rank_env(lay.gpu, job.threads_per_rank)
     prefix = env.pop("TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE")
+    threads = {k: env.pop(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "DS_ACCELERATOR")}
     if job.requeue:
         env[REQUEUE_ENV] = "1"
     torchrun = TorchrunCommand(
@@ -143,62 +178,35 @@ def render_sbatch(job: SlurmJob) -> str:
         log_dir=Shell('"$LOG_DIR"'),
         train_args=[Shell('"${TRAIN_ARGS[@]}"')],
     )
-    # --cpus-per-task again: srun does not take it from sbatch on Slurm 22.05-23.02, and a task
-    # bound to one CPU would squeeze all of a node's ranks onto it.
-    srun = ["srun", f"--nodes={lay.nnodes}", f"--ntasks={lay.nnodes}", "--ntasks-per-node=1",
+    srun = [f"--nodes={lay.nnodes}", f"--ntasks={lay.nnodes}", "--ntasks-per-node=1",
             f"--cpus-per-task={_cpus(job)}", "--kill-on-bad-exit=1"]
     if lay.gpu:
         srun.append(f"--gpus-per-node={lay.nproc_per_node}")
-    srun_line = command([srun, [Shell('"$PYTHON"'), "-m", AGENT_MODULE], *torchrun.groups()])
-
-    out = ["#!/bin/bash",
-           f"# titans-scale training: {lay.describe()}.",
-           "# Written by `titans-scale slurm submit`; edit it freely and resubmit with `sbatch <this file>`.",
-           "# Logs: $RUN_DIR/slurm/job-<id>.out (all ranks, prefixed [rankN]:, requeues appended) and",
-           "# $RUN_DIR/logs/job-<id>.<restart>/rank_<N>/{stdout,stderr}.log (one folder per rank)."]
+    note = ""
     if job.requeue:
-        out += [f"# Preemption: every rank gets SIGUSR1 {job.signal_lead_s} s before the time limit (and on",
-                "# `scancel --signal=USR1 <id>`); it finishes its step, the run checkpoints, rank 0 runs",
-                "# `scontrol requeue`, and the requeued job resumes from the newest checkpoint."]
-    out += _header(job)
-    out += ["", "set -euo pipefail", "",
-            _assign("PYTHON", job.python)]
+        note = (f"# Preemption: every rank gets SIGUSR1 {job.signal_lead_s} s before the time limit (and on\n"
+                "# `scancel --signal=USR1 <id>`); it finishes its step, the run checkpoints, rank 0 runs\n"
+                "# `scontrol requeue`, and the requeued job resumes from the newest checkpoint.")
+    values = {
+        "layout": lay.describe(), "requeue_note": note, "sbatch_options": "\n".join(_directives(job)),
+        "python": word(job.python), "train_args": _words(["train", "--config", job.config, *job.train_args]),
+        "workdir": word(job.workdir), "threads_per_rank": str(job.threads_per_rank),
+        "thread_env": _exports(threads), "rank_env": _exports(env), "log_prefix": shlex.quote(prefix),
+        "procs_per_node": str(lay.nproc_per_node), "kind": "GPU" if lay.gpu else "CPU",
+        "world_size": str(lay.world_size), "srun_options": " ".join(srun),
+        "torchrun_args": command(torchrun.groups()),
+    }
     if job.sweep:
-        out += ["", "# One sweep point per array task: its run folder and its overrides.",
-                'case "$SLURM_ARRAY_TASK_ID" in']
-        for i, p in enumerate(job.sweep):
-            out.append(f"    {i}) {_assign('RUN_DIR', p.run_dir)}; {_array('POINT', p.overrides)} ;;")
-        out += ['    *) echo "no sweep point for array task $SLURM_ARRAY_TASK_ID" >&2; exit 2 ;;', "esac",
-                _array("TRAIN_ARGS", ["train", "--config", job.config, *job.train_args,
-                                      Shell('"${POINT[@]}"')])]
+        values["points_count"] = str(len(job.sweep))
+        values["points"] = "\n".join(f"    {i}) {_assign('RUN_DIR', p.run_dir)}; {_array('POINT', p.overrides)} ;;"
+                                     for i, p in enumerate(job.sweep))
     else:
-        out += [_assign("RUN_DIR", job.run_dir),
-                _array("TRAIN_ARGS", ["train", "--config", job.config, *job.train_args])]
-    out += [f"cd {word(job.workdir)}",
-            "",
-            f"# Every rank: {job.threads_per_rank} CPU thread(s); NCCL on GPUs, gloo on CPUs "
-            "(the trainer picks), no progress bars.",
-            "export " + " ".join(_assign(k, env.pop(k)) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
-                                                                   "DS_ACCELERATOR")),
-            "export " + " ".join(_assign(k, v) for k, v in env.items()),
-            "# torchrun prefixes each console line with the global rank (it substitutes ${rank} itself).",
-            f"export TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE={shlex.quote(prefix)}",
-            "",
-            "# The first node of the allocation serves the rendezvous; a port from the job id keeps",
-            "# two jobs on one node apart. Each run of the job (requeues too) logs to its own folder.",
-            # sed, not head: it reads all input, so scontrol never gets SIGPIPE (fatal under pipefail)
-            'HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)',
-            f"RDZV_PORT=$(({RDZV_PORT_BASE} + SLURM_JOB_ID % 1000))",
-            'LOG_DIR="$RUN_DIR/logs/job-$SLURM_JOB_ID.${SLURM_RESTART_COUNT:-0}"',
-            'mkdir -p "$LOG_DIR"',
-            'echo "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on $SLURM_JOB_NODELIST:'
-            ' rendezvous $HEAD_NODE:$RDZV_PORT, logs $LOG_DIR"',
-            "",
-            f"# One task per node: torchrun starts the node's {lay.nproc_per_node} {kind} rank(s) "
-            f"and joins the rendezvous ({lay.world_size} ranks in all).",
-            srun_line,
-            ""]
-    return "\n".join(out)
+        values["run_dir"] = word(job.run_dir)
+    return values
+
+
+def render_sbatch(job: SlurmJob) -> str:
+    return fill(template_text(TEMPLATES[bool(job.sweep)]), template_values(job))
 
 
 # ------------------------------------------------------------------------------ submit
