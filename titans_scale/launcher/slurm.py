@@ -15,7 +15,6 @@ The only unquoted text is shell code written here (class Shell), such as "$HEAD_
 from __future__ import annotations
 
 import re
-import shlex
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -94,8 +93,12 @@ def _assign(name: str, value: str) -> str:
     return f"{name}={word(value)}"
 
 
+def _words(words: list[str]) -> str:
+    return " ".join(map(word, words))
+
+
 def _array(name: str, words: list[str]) -> str:
-    return f"{name}=(" + " ".join(map(word, words)) + ")"
+    return f"{name}=({_words(words)})"
 
 
 # ------------------------------------------------------------------------------ render
@@ -103,7 +106,6 @@ def _array(name: str, words: list[str]) -> str:
 # The templates (slurm/ in the repository, installed as titans_scale.slurm; syntax in
 # slurm/README.md): `{{name}}` is replaced by a value already quoted for where it stands, and a
 # line holding only `{{name}}` by the value's lines, or by nothing when the value is empty.
-TEMPLATES = {False: "train.sbatch", True: "sweep_array.sbatch"}     # keyed by "is a job array"
 _PLACEHOLDER = re.compile(r"^\{\{(?P<line>\w+)\}\}\n|\{\{(?P<name>\w+)\}\}", re.M)
 
 
@@ -156,10 +158,6 @@ def _directives(job: SlurmJob) -> list[str]:
     return d
 
 
-def _words(words: list[str]) -> str:
-    return " ".join(map(word, words))
-
-
 def _exports(env: dict[str, str]) -> str:
     return " ".join(_assign(k, v) for k, v in env.items())
 
@@ -191,7 +189,7 @@ def template_values(job: SlurmJob) -> dict[str, str]:
         "layout": lay.describe(), "requeue_note": note, "sbatch_options": "\n".join(_directives(job)),
         "python": word(job.python), "train_args": _words(["train", "--config", job.config, *job.train_args]),
         "workdir": word(job.workdir), "threads_per_rank": str(job.threads_per_rank),
-        "thread_env": _exports(threads), "rank_env": _exports(env), "log_prefix": shlex.quote(prefix),
+        "thread_env": _exports(threads), "rank_env": _exports(env), "log_prefix": word(prefix),
         "procs_per_node": str(lay.nproc_per_node), "kind": "GPU" if lay.gpu else "CPU",
         "world_size": str(lay.world_size), "srun_options": " ".join(srun),
         "torchrun_args": command(torchrun.groups()),
@@ -206,7 +204,8 @@ def template_values(job: SlurmJob) -> dict[str, str]:
 
 
 def render_sbatch(job: SlurmJob) -> str:
-    return fill(template_text(TEMPLATES[bool(job.sweep)]), template_values(job))
+    name = "sweep_array.sbatch" if job.sweep else "train.sbatch"
+    return fill(template_text(name), template_values(job))
 
 
 # ------------------------------------------------------------------------------ submit
