@@ -96,9 +96,57 @@ def _got(value: Any) -> str:
     return f"{value!r} ({type(value).__name__})"
 
 
+def _choices(tp: Any) -> tuple:
+    """The values a Literal field (or an Optional Literal) allows; () for other types."""
+    if typing.get_origin(tp) is Literal:
+        return typing.get_args(tp)
+    if _is_union(tp):
+        return tuple(c for a in typing.get_args(tp) for c in _choices(a))
+    return ()
+
+
+def _allows(choices: tuple, value: Any) -> bool:
+    # type(c) check: True == 1 and 1 == 1.0 must not pass for each other.
+    return any(value == c and type(value) is type(c) for c in choices)
+
+
+def one_of(choices: typing.Iterable) -> str:
+    """'a, b or c': the choices of a field as a message names them."""
+    names = [str(c) for c in choices]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
 def _type_error(key: str, tp: Any, value: Any) -> ConfigError:
-    return ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {_got(value)}; "
-                       + _FIX.format(key=key))
+    fix = _FIX.format(key=key)
+    if _choices(tp):
+        fix += f" (VALUE: {one_of(_choices(tp))})"
+    return ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {_got(value)}; {fix}")
+
+
+# ------------------------------------------------------------------------- declaring
+
+
+def sectioned(cls: type[T]) -> type[T]:
+    """``@dataclass`` for a config made of [sections]: each field is a config dataclass and
+    defaults to that class's defaults (``model: ModelConfig`` means
+    ``model: ModelConfig = field(default_factory=ModelConfig)``)."""
+    hints = typing.get_type_hints(cls)
+    for name in cls.__annotations__:
+        if not _is_dataclass_type(hints[name]):
+            raise TypeError(f"{cls.__name__}.{name}: a sectioned config holds only config dataclasses")
+        if name not in cls.__dict__:
+            setattr(cls, name, dataclasses.field(default_factory=hints[name]))
+    return dataclasses.dataclass(cls)
+
+
+def check_choices(cfg: Any, name: typing.Callable[[str], str] = str) -> None:
+    """ConfigError for a Literal field of the dataclass `cfg` holding a value it does not allow:
+    the loader checks that for TOML and overrides, this for a config built in code.
+    name(field) is how the message names the field (a config key, a command-line flag)."""
+    for f, tp in _field_types(type(cfg)).items():
+        value = getattr(cfg, f)
+        if _choices(tp) and not _allows(_choices(tp), value) and not (value is None and _accepts_none(tp)):
+            raise ConfigError(f"{name(f)}: {value!r} is not known; use {one_of(_choices(tp))}")
 
 
 # ------------------------------------------------------------------------ conversion
@@ -125,8 +173,7 @@ def _convert(value: Any, tp: Any, key: str, root: type) -> Any:
                 continue
         raise _type_error(key, tp, value)
     if origin is Literal:
-        # type(a) check: True == 1 and 1 == 1.0 must not pass for each other.
-        if any(value == a and type(value) is type(a) for a in args):
+        if _allows(args, value):
             return value
         raise _type_error(key, tp, value)
     if origin is list or origin is tuple:
@@ -382,4 +429,4 @@ def save_config(cfg: Any, path: str | Path) -> Path:
 
 
 __all__ = ["load_config", "config_from_dict", "apply_override", "config_to_dict", "dump_toml",
-           "save_config"]
+           "save_config", "sectioned", "check_choices", "one_of"]

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from titans_scale.errors import ConfigError, TitansError
 from titans_scale.launcher.env import rank_env
-from titans_scale.launcher.layout import Layout
+from titans_scale.launcher.layout import ProcessGrid
 from titans_scale.launcher.requeue import REQUEUE_ENV
 from titans_scale.launcher.shell import Shell, command, word
 from titans_scale.launcher.torchrun import AGENT_MODULE, Rendezvous, TorchrunCommand
@@ -43,7 +43,7 @@ class SweepPoint:
 
 @dataclass(frozen=True)
 class SlurmJob:
-    layout: Layout
+    grid: ProcessGrid
     job_name: str
     run_dir: str                 # absolute: the slurm/ and logs/ folders live here
     workdir: str                 # absolute: the script cd's here, so relative data paths resolve
@@ -102,16 +102,16 @@ def _array(name: str, words: list[str]) -> str:
 
 
 def _cpus(job: SlurmJob) -> int:
-    return job.cpus_per_task or job.layout.nproc_per_node * job.threads_per_rank
+    return job.cpus_per_task or job.grid.nproc_per_node * job.threads_per_rank
 
 
 def _header(job: SlurmJob) -> list[str]:
-    lay = job.layout
+    grid = job.grid
     cpus = _cpus(job)
-    d = [directive("--job-name", job.job_name), directive("--nodes", lay.nnodes),
+    d = [directive("--job-name", job.job_name), directive("--nodes", grid.nnodes),
          directive("--ntasks-per-node", 1)]
-    if lay.gpu:
-        d.append(directive("--gpus-per-node", lay.nproc_per_node))
+    if grid.gpu:
+        d.append(directive("--gpus-per-node", grid.nproc_per_node))
     d.append(directive("--cpus-per-task", cpus))
     for opt, val in (("--partition", job.partition), ("--account", job.account),
                      ("--qos", job.qos), ("--time", job.time)):
@@ -131,28 +131,28 @@ def _header(job: SlurmJob) -> list[str]:
 
 
 def render_sbatch(job: SlurmJob) -> str:
-    lay = job.layout
-    kind = "GPU" if lay.gpu else "CPU"
-    env = rank_env(lay.gpu, job.threads_per_rank)
+    grid = job.grid
+    kind = "GPU" if grid.gpu else "CPU"
+    env = rank_env(grid.gpu, job.threads_per_rank)
     prefix = env.pop("TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE")
     if job.requeue:
         env[REQUEUE_ENV] = "1"
     torchrun = TorchrunCommand(
-        layout=lay,
+        grid=grid,
         rdzv=Rendezvous(endpoint=Shell('"$HEAD_NODE:$RDZV_PORT"'), run_id=Shell('"$SLURM_JOB_ID"')),
         log_dir=Shell('"$LOG_DIR"'),
         train_args=[Shell('"${TRAIN_ARGS[@]}"')],
     )
     # --cpus-per-task again: srun does not take it from sbatch on Slurm 22.05-23.02, and a task
     # bound to one CPU would squeeze all of a node's ranks onto it.
-    srun = ["srun", f"--nodes={lay.nnodes}", f"--ntasks={lay.nnodes}", "--ntasks-per-node=1",
+    srun = ["srun", f"--nodes={grid.nnodes}", f"--ntasks={grid.nnodes}", "--ntasks-per-node=1",
             f"--cpus-per-task={_cpus(job)}", "--kill-on-bad-exit=1"]
-    if lay.gpu:
-        srun.append(f"--gpus-per-node={lay.nproc_per_node}")
+    if grid.gpu:
+        srun.append(f"--gpus-per-node={grid.nproc_per_node}")
     srun_line = command([srun, [Shell('"$PYTHON"'), "-m", AGENT_MODULE], *torchrun.groups()])
 
     out = ["#!/bin/bash",
-           f"# titans-scale training: {lay.describe()}.",
+           f"# titans-scale training: {grid.describe()}.",
            "# Written by `titans-scale slurm submit`; edit it freely and resubmit with `sbatch <this file>`.",
            "# Logs: $RUN_DIR/slurm/job-<id>.out (all ranks, prefixed [rankN]:, requeues appended) and",
            "# $RUN_DIR/logs/job-<id>.<restart>/rank_<N>/{stdout,stderr}.log (one folder per rank)."]
@@ -194,8 +194,8 @@ def render_sbatch(job: SlurmJob) -> str:
             'echo "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on $SLURM_JOB_NODELIST:'
             ' rendezvous $HEAD_NODE:$RDZV_PORT, logs $LOG_DIR"',
             "",
-            f"# One task per node: torchrun starts the node's {lay.nproc_per_node} {kind} rank(s) "
-            f"and joins the rendezvous ({lay.world_size} ranks in all).",
+            f"# One task per node: torchrun starts the node's {grid.nproc_per_node} {kind} rank(s) "
+            f"and joins the rendezvous ({grid.world_size} ranks in all).",
             srun_line,
             ""]
     return "\n".join(out)
