@@ -41,6 +41,10 @@ class DataConfig:
         _need(self.seq_len >= 1, "data.seq_len", "must be >= 1")
         _need(self.batch_size >= 1, "data.batch_size", "must be >= 1")
         _need(0.0 <= self.recall_fraction <= 1.0, "data.recall_fraction", "must be in [0, 1]")
+        _need(self.recall_digits >= 0, "data.recall_digits",
+              f"must be an integer >= 0 (0 = the task's default), got {self.recall_digits!r}")
+        _need(0.0 < self.corpus_loss_fraction <= 1.0, "data.corpus_loss_fraction",
+              f"must be in (0, 1], got {self.corpus_loss_fraction!r}")
 
 
 @dataclass
