@@ -5,8 +5,12 @@ list[...] / tuple[X, ...] of those, Literal[...] choices, or nested dataclasses 
 [section] each). Loading is strict so that a typo never silently trains the wrong model:
 
 * an unknown key is an error naming the dotted key and the closest valid keys;
-* a wrongly typed value is an error naming the key, the expected type and the value;
+* a wrongly typed value is an error naming the key, the expected type and the value (for a
+  Literal field, the values it takes): a choice is declared as a Literal and checked only here;
 * an int is accepted where a float is expected (``lr = 1`` means 1.0).
+
+``@sectioned`` declares a config made of sections (each field a config dataclass, defaulting
+to its defaults); ``check_choices`` checks the Literal fields of a config built in code.
 
 Overrides look like ``section.field=value``; the value is read as a TOML literal when it
 parses as one that fits the field (``3``, ``1e-3``, ``true``, ``[1, 2]``, ``"x"``) and as
@@ -110,7 +114,7 @@ def _allows(choices: tuple, value: Any) -> bool:
     return any(value == c and type(value) is type(c) for c in choices)
 
 
-def one_of(choices: typing.Iterable) -> str:
+def _one_of(choices: typing.Iterable) -> str:
     """'a, b or c': the choices of a field as a message names them."""
     names = [str(c) for c in choices]
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
@@ -119,7 +123,7 @@ def one_of(choices: typing.Iterable) -> str:
 def _type_error(key: str, tp: Any, value: Any) -> ConfigError:
     fix = _FIX.format(key=key)
     if _choices(tp):
-        fix += f" (VALUE: {one_of(_choices(tp))})"
+        fix += f" (VALUE: {_one_of(_choices(tp))})"
     return ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {_got(value)}; {fix}")
 
 
@@ -146,7 +150,7 @@ def check_choices(cfg: Any, name: typing.Callable[[str], str] = str) -> None:
     for f, tp in _field_types(type(cfg)).items():
         value = getattr(cfg, f)
         if _choices(tp) and not _allows(_choices(tp), value) and not (value is None and _accepts_none(tp)):
-            raise ConfigError(f"{name(f)}: {value!r} is not known; use {one_of(_choices(tp))}")
+            raise ConfigError(f"{name(f)}: {value!r} is not known; use {_one_of(_choices(tp))}")
 
 
 # ------------------------------------------------------------------------ conversion
@@ -429,4 +433,4 @@ def save_config(cfg: Any, path: str | Path) -> Path:
 
 
 __all__ = ["load_config", "config_from_dict", "apply_override", "config_to_dict", "dump_toml",
-           "save_config", "sectioned", "check_choices", "one_of"]
+           "save_config", "sectioned", "check_choices"]
