@@ -231,6 +231,14 @@ def test_literal_error_names_the_values_to_use():
     assert "config key 'model.variant'" in msg and "model.variant=VALUE (VALUE: lmm, mac, mag or mal)" in msg
 
 
+def test_override_names_the_bad_item_of_a_list():
+    with pytest.raises(ConfigError) as e:
+        load_config(Config, None, ['model.memory_layers=[1, "a"]'])
+    msg = str(e.value)
+    assert "config key 'model.memory_layers[1]': expected int, got 'a' (str)" in msg, msg
+    assert "override model.memory_layers=[...]" in msg
+
+
 @sectioned
 class Sectioned:
     model: Model

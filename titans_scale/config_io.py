@@ -39,7 +39,7 @@ from titans_scale.errors import ConfigError
 
 T = TypeVar("T")
 
-_FIX = "fix it in the TOML file or pass the override {key}=VALUE"
+_FIX = "fix it in the TOML file or pass the override {field}={value}"
 
 
 class _Raw:
@@ -121,9 +121,10 @@ def _one_of(choices: typing.Iterable) -> str:
 
 
 def _type_error(key: str, tp: Any, value: Any) -> ConfigError:
-    fix = _FIX.format(key=key)
+    field, item = key.partition("[")[0], "[" in key       # an item of a list is overridden with the list
+    fix = _FIX.format(field=field, value="[...]" if item else "VALUE")
     if _choices(tp):
-        fix += f" (VALUE: {_one_of(_choices(tp))})"
+        fix += f" ({'each item' if item else 'VALUE'}: {_one_of(_choices(tp))})"
     return ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {_got(value)}; {fix}")
 
 
@@ -223,11 +224,12 @@ def _convert_raw(text: str, tp: Any, key: str, root: type) -> Any:
     if _accepts_none(tp) and text.strip().lower() in ("none", "null"):
         return None
     ok, parsed = _parse_toml_value(text)
+    literal_error = None
     if ok:
         try:
             return _convert(parsed, tp, key, root)
-        except ConfigError:
-            pass
+        except ConfigError as e:
+            literal_error = e
     if not ok:  # Python float spellings TOML lacks, such as .5 or 1.e-3
         try:
             return _convert(float(text), tp, key, root)
@@ -237,7 +239,13 @@ def _convert_raw(text: str, tp: Any, key: str, root: type) -> Any:
     if origin in (list, tuple) and not text.strip().startswith("["):
         items = [] if not text.strip() else [_Raw(t.strip()) for t in text.split(",")]
         return _convert(items, tp, key, root)
-    return _convert(text, tp, key, root)
+    try:
+        return _convert(text, tp, key, root)
+    except ConfigError:
+        # not a string either: the TOML value's error says more (e.g. which list item is wrong)
+        if literal_error is not None:
+            raise literal_error from None
+        raise
 
 
 # ------------------------------------------------------------------------- loading
