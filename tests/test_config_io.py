@@ -7,7 +7,8 @@ from typing import Literal, Optional
 
 import pytest
 
-from titans_scale.config_io import config_from_dict, config_to_dict, dump_toml, load_config, save_config
+from titans_scale.config_io import (check_choices, config_from_dict, config_to_dict, dump_toml, load_config,
+                                    save_config, sectioned)
 from titans_scale.errors import ConfigError, TitansError
 
 
@@ -221,3 +222,40 @@ def test_none_without_none_default_is_refused():
 
     with pytest.raises(ConfigError, match="'x': TOML has no null"):
         dump_toml(C(x=None))
+
+
+def test_literal_error_names_the_values_to_use():
+    with pytest.raises(ConfigError) as e:
+        load_config(Config, None, ["model.variant=xl"])
+    msg = str(e.value)
+    assert "config key 'model.variant'" in msg and "model.variant=VALUE (VALUE: lmm, mac, mag or mal)" in msg
+
+
+def test_override_names_the_bad_item_of_a_list():
+    with pytest.raises(ConfigError) as e:
+        load_config(Config, None, ['model.memory_layers=[1, "a"]'])
+    msg = str(e.value)
+    assert "config key 'model.memory_layers[1]': expected int, got 'a' (str)" in msg, msg
+    assert "override model.memory_layers=[...]" in msg
+
+
+@sectioned
+class Sectioned:
+    model: Model
+    train: Train = field(default_factory=lambda: Train(steps=7))    # an explicit default is kept
+
+
+def test_sectioned_fields_default_to_their_sections():
+    assert Sectioned() == Sectioned(Model(), Train(steps=7))
+    assert Sectioned().model is not Sectioned().model                 # a fresh section each time
+    assert load_config(Sectioned, None, ["model.dim=8"]).model.dim == 8
+    with pytest.raises(TypeError, match="only config dataclasses"):
+        @sectioned
+        class NotSections:
+            n: int
+
+
+def test_check_choices_for_configs_built_in_code():
+    check_choices(Model(variant="mag"))
+    with pytest.raises(ConfigError, match=r"^--variant: 'xl' is not known; use lmm, mac, mag or mal$"):
+        check_choices(Model(variant="xl"), lambda f: f"--{f}")

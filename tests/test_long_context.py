@@ -14,7 +14,7 @@ from titans_scale.config import load_run_config
 from titans_scale.data.tokenizer import ByteTokenizer
 from titans_scale.errors import ConfigError
 from titans_scale.eval.baselines import attention_reach, beyond_attention, chance_accuracy
-from titans_scale.eval.sweep import SweepSpec, run_sweep, state_bytes
+from titans_scale.eval.sweep import EvalSweepSpec, run_sweep, state_bytes
 from titans_scale.model import TitansLM
 from titans_scale.model.config import ModelConfig
 from titans_scale.train.data import IGNORE, RunData
@@ -117,8 +117,8 @@ def test_long_eval_is_streamed_in_bounded_memory(trained):
 
     _, model = load_trained(str(trained / "lmm"))
     tok = ByteTokenizer()
-    short = run_sweep(model, tok, SweepSpec("niah", [1024], depths=[0.5], samples=1, digits=2, piece=1024))
-    long = run_sweep(model, tok, SweepSpec("niah", [32768], depths=[0.0, 1.0], samples=1, digits=2, piece=1024))
+    short = run_sweep(model, tok, EvalSweepSpec("niah", [1024], depths=[0.5], samples=1, digits=2, piece=1024))
+    long = run_sweep(model, tok, EvalSweepSpec("niah", [32768], depths=[0.0, 1.0], samples=1, digits=2, piece=1024))
     assert long.max_piece == 1024 and long.state_bytes == short.state_bytes > 0
     assert [c.depth for c in long.cells] == [0.0, 1.0]
     far = long.cell(32768, 0.0)
@@ -138,15 +138,15 @@ def test_state_bytes_counts_nested_tensors():
 def test_sweep_cells_and_errors(tmp_path):
     cfg = ModelConfig(d_model=32, n_heads=2, layers=["swa", "lmm"], window=16, segment_len=16, chunk_size=8)
     model = TitansLM(cfg)
-    r = run_sweep(model, ByteTokenizer(), SweepSpec("recall", [300, 400], samples=2, digits=1, piece=128))
+    r = run_sweep(model, ByteTokenizer(), EvalSweepSpec("recall", [300, 400], samples=2, digits=1, piece=128))
     assert [(c.length, c.depth) for c in r.cells] == [(300, None), (400, None)]
     assert [c.answers for c in r.cells] == [2 * 3, 2 * 4]              # length // 96 pairs, all asked
     assert all(c.samples == 2 and c.tokens == 2 * c.answers for c in r.cells)   # " " + 1 digit each
     assert r.max_piece == 128 and r.chance == pytest.approx(1 / 9)
     with pytest.raises(ConfigError, match="--depths"):
-        SweepSpec("niah", [512], depths=[1.5]).validate()
+        EvalSweepSpec("niah", [512], depths=[1.5]).validate()
     with pytest.raises(ConfigError, match="--needle"):
-        SweepSpec("niah", [512], needle="pin").validate()
+        EvalSweepSpec("niah", [512], needle="pin").validate()
 
 
 def test_cli_eval_bad_input_is_one_line(trained, capsys):
@@ -157,7 +157,7 @@ def test_cli_eval_bad_input_is_one_line(trained, capsys):
 
 def test_generator_answers_match_eval_positions():
     """The eval scores exactly the needle's value: answer tokens decode back to it."""
-    spec = SweepSpec("niah", [600], depths=[0.3], digits=3)
+    spec = EvalSweepSpec("niah", [600], depths=[0.3], digits=3)
     s = spec.sample(ByteTokenizer(), 600, 0.3, 0)
     toks = s.tokens()
     assert ByteTokenizer().decode(toks[s.answer_positions]).strip() == s.answers[0]

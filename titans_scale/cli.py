@@ -21,6 +21,8 @@ import logging
 import sys
 from pathlib import Path
 
+from titans_scale.errors import TitansError
+
 
 def _distributed_launch(cfg) -> bool:
     """torchrun sets WORLD_SIZE; a config asking for a parallel layout goes the same way (and is
@@ -117,7 +119,6 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model from a TOML config")
     t.add_argument("--config", required=True)
     t.add_argument("--fresh", action="store_true", help="ignore existing checkpoints (default: resume)")
-    t.add_argument("--resume", action="store_true", help="resume from the newest checkpoint (the default)")
     t.add_argument("overrides", nargs="*", help="section.field=value")
     t.set_defaults(fn=_cmd_train)
 
@@ -156,13 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Run one command. A user error (TitansError, or a bad argument, which argparse reports
+    with the usage) is one line and exit status 2; anything else is a bug and keeps its traceback."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     args = build_parser().parse_args(argv)
     args.from_command_line = argv is None       # sys.argv: the process's own command, which can be re-run
-    from titans_scale.errors import TitansError
     try:
         return args.fn(args)
-    except (TitansError, ValueError, FileNotFoundError) as e:
+    except TitansError as e:
         print(f"titans-scale {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -5,12 +5,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Literal
 
-from titans_scale.config_io import load_config
+from titans_scale.config_io import load_config, sectioned
 from titans_scale.errors import ConfigError
 from titans_scale.model.config import ModelConfig
-from titans_scale.train.allocator import CHOICES as ALLOCATORS
+
+# CPU: auto (tcmalloc when installed, else glibc + retain_memory) | tcmalloc (required: an error
+# if missing) | glibc (never preload); titans_scale/train/allocator.py acts on it
+Allocator = Literal["auto", "tcmalloc", "glibc"]
+
+
+def _need(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {msg}")
 
 
 @dataclass
@@ -22,11 +31,20 @@ class DataConfig:
     seq_len: int = 256
     batch_size: int = 8               # per data-parallel rank
     recall_fraction: float = 0.0      # share of each batch drawn from the synthetic recall task
-    recall_task: str = "mqar"         # mqar | needle (pass key)
-    recall_loss: str = "lm"           # lm (every token) | answers (only the answer tokens of recall rows)
+    recall_task: Literal["mqar", "needle"] = "mqar"          # needle: pass key
+    recall_loss: Literal["lm", "answers"] = "lm"             # every token | only the answer tokens of recall rows
     recall_digits: int = 0            # pass-key / value digits; 0 = the task's default
-    recall_haystack: str = "noise"    # noise | corpus
+    recall_haystack: Literal["noise", "corpus"] = "noise"
     corpus_loss_fraction: float = 1.0  # share of corpus-row targets with loss (< 1 weights recall up)
+
+    def validate(self) -> None:
+        _need(self.seq_len >= 1, "data.seq_len", "must be >= 1")
+        _need(self.batch_size >= 1, "data.batch_size", "must be >= 1")
+        _need(0.0 <= self.recall_fraction <= 1.0, "data.recall_fraction", "must be in [0, 1]")
+        _need(self.recall_digits >= 0, "data.recall_digits",
+              f"must be an integer >= 0 (0 = the task's default), got {self.recall_digits!r}")
+        _need(0.0 < self.corpus_loss_fraction <= 1.0, "data.corpus_loss_fraction",
+              f"must be in (0, 1], got {self.corpus_loss_fraction!r}")
 
 
 @dataclass
@@ -40,6 +58,10 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
 
+    def validate(self) -> None:
+        _need(self.lr > 0, "optim.lr", "must be > 0")
+        _need(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+
 
 @dataclass
 class TrainConfig:
@@ -51,24 +73,28 @@ class TrainConfig:
     eval_batches: int = 8
     ckpt_every: int = 100
     keep_checkpoints: int = 2
-    precision: str = "fp32"           # fp32 | bf16 | fp8
+    precision: Literal["fp32", "bf16", "fp8"] = "fp32"
     max_bad_steps: int = 3            # consecutive non-finite steps before the run stops
     threads: int = 0                  # torch intra-op threads; 0 = torch's default
     retain_memory: bool = True        # CPU (glibc): keep freed memory for reuse, no page faults per step
-    allocator: str = "auto"           # CPU: auto (tcmalloc when installed, else glibc + retain_memory)
-                                      # | tcmalloc (required: an error if missing) | glibc (never preload)
+    allocator: Allocator = "auto"
     progress: bool = True
     tensorboard: bool = True
+
+    def validate(self) -> None:
+        _need(self.steps >= 1, "train.steps", "must be >= 1")
+        _need(self.ckpt_every >= 1, "train.ckpt_every", "must be >= 1")
+        _need(self.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1")
 
 
 @dataclass
 class Fp8Config:
     """FP8 recipe for train.precision = "fp8" (Transformer Engine's DelayedScaling fields)."""
-    backend: str = "auto"             # auto (TE where it runs, else emulated) | te | emulated
-    format: str = "hybrid"            # hybrid (e4m3 forward, e5m2 gradients) | e4m3
-    scaling: str = "delayed"          # delayed | current
+    backend: Literal["auto", "te", "emulated"] = "auto"      # auto: TE where it runs, else emulated
+    format: Literal["hybrid", "e4m3"] = "hybrid"             # hybrid: e4m3 forward, e5m2 gradients
+    scaling: Literal["delayed", "current"] = "delayed"
     amax_history_len: int = 1024
-    amax_compute_algo: str = "max"    # max | most_recent
+    amax_compute_algo: Literal["max", "most_recent"] = "max"
     margin: int = 0
     include_head: bool = False        # the output head stays high precision unless asked
 
@@ -80,42 +106,28 @@ class ParallelConfig:
     cp: int = 1
     vpp: int = 1                      # virtual pipeline stages per rank (interleaved 1F1B when > 1)
     sequence_parallel: bool = False
-    engine: str = "megatron"          # data-parallel engine: megatron (DDP + distributed optimizer) | deepspeed
-    zero_stage: int = 1               # DeepSpeed ZeRO stage (engine = deepspeed)
-    cp_strategy: str = "a2a"          # a2a | state_passing | ring
+    # data-parallel engine: megatron (DDP + distributed optimizer) | deepspeed
+    engine: Literal["megatron", "deepspeed"] = "megatron"
+    zero_stage: Literal[1, 2, 3] = 1  # DeepSpeed ZeRO stage (engine = deepspeed)
+    # auto: per memory layer (MAC -> ring, else a2a when the memory heads divide over cp, else
+    # state_passing for depth 1, else ring); titans_scale/parallel/context/apply.py
+    cp_strategy: Literal["auto", "a2a", "state_passing", "ring"] = "auto"
     microbatches: int = 1
 
 
-@dataclass
+@sectioned
 class RunConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    fp8: Fp8Config = field(default_factory=Fp8Config)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    model: ModelConfig
+    data: DataConfig
+    optim: OptimConfig
+    train: TrainConfig
+    fp8: Fp8Config
+    parallel: ParallelConfig
 
     def validate(self) -> "RunConfig":
-        def need(ok, key, msg):
-            if not ok:
-                raise ConfigError(f"{key}: {msg}")
-        self.model.validate()
-        need(self.data.seq_len >= 1, "data.seq_len", "must be >= 1")
-        need(self.data.batch_size >= 1, "data.batch_size", "must be >= 1")
-        need(0.0 <= self.data.recall_fraction <= 1.0, "data.recall_fraction", "must be in [0, 1]")
-        need(self.optim.lr > 0, "optim.lr", "must be > 0")
-        need(self.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
-        need(self.train.steps >= 1, "train.steps", "must be >= 1")
-        need(self.train.precision in ("fp32", "bf16", "fp8"), "train.precision",
-             f"must be fp32, bf16 or fp8, got {self.train.precision!r}")
-        need(self.train.ckpt_every >= 1, "train.ckpt_every", "must be >= 1")
-        need(self.train.allocator in ALLOCATORS, "train.allocator",
-             f"must be {', '.join(ALLOCATORS[:-1])} or {ALLOCATORS[-1]}, got {self.train.allocator!r}")
-        need(self.train.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1")
-        need(self.parallel.engine in ("megatron", "deepspeed"), "parallel.engine",
-             f"must be megatron or deepspeed, got {self.parallel.engine!r}")
-        need(self.parallel.cp_strategy in ("a2a", "state_passing", "ring"), "parallel.cp_strategy",
-             f"must be a2a, state_passing or ring, got {self.parallel.cp_strategy!r}")
+        """Range checks; the loader has checked types and choices (Literal fields)."""
+        for section in (self.model, self.data, self.optim, self.train):
+            section.validate()
         return self
 
 

@@ -5,8 +5,12 @@ list[...] / tuple[X, ...] of those, Literal[...] choices, or nested dataclasses 
 [section] each). Loading is strict so that a typo never silently trains the wrong model:
 
 * an unknown key is an error naming the dotted key and the closest valid keys;
-* a wrongly typed value is an error naming the key, the expected type and the value;
+* a wrongly typed value is an error naming the key, the expected type and the value (for a
+  Literal field, the values it takes): a choice is declared as a Literal and checked only here;
 * an int is accepted where a float is expected (``lr = 1`` means 1.0).
+
+``@sectioned`` declares a config made of sections (each field a config dataclass, defaulting
+to its defaults); ``check_choices`` checks the Literal fields of a config built in code.
 
 Overrides look like ``section.field=value``; the value is read as a TOML literal when it
 parses as one that fits the field (``3``, ``1e-3``, ``true``, ``[1, 2]``, ``"x"``) and as
@@ -35,7 +39,7 @@ from titans_scale.errors import ConfigError
 
 T = TypeVar("T")
 
-_FIX = "fix it in the TOML file or pass the override {key}=VALUE"
+_FIX = "fix it in the TOML file or pass the override {field}={value}"
 
 
 class _Raw:
@@ -96,9 +100,58 @@ def _got(value: Any) -> str:
     return f"{value!r} ({type(value).__name__})"
 
 
+def _choices(tp: Any) -> tuple:
+    """The values a Literal field (or an Optional Literal) allows; () for other types."""
+    if typing.get_origin(tp) is Literal:
+        return typing.get_args(tp)
+    if _is_union(tp):
+        return tuple(c for a in typing.get_args(tp) for c in _choices(a))
+    return ()
+
+
+def _allows(choices: tuple, value: Any) -> bool:
+    # type(c) check: True == 1 and 1 == 1.0 must not pass for each other.
+    return any(value == c and type(value) is type(c) for c in choices)
+
+
+def _one_of(choices: typing.Iterable) -> str:
+    """'a, b or c': the choices of a field as a message names them."""
+    names = [str(c) for c in choices]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
 def _type_error(key: str, tp: Any, value: Any) -> ConfigError:
-    return ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {_got(value)}; "
-                       + _FIX.format(key=key))
+    field, item = key.partition("[")[0], "[" in key       # an item of a list is overridden with the list
+    fix = _FIX.format(field=field, value="[...]" if item else "VALUE")
+    if _choices(tp):
+        fix += f" ({'each item' if item else 'VALUE'}: {_one_of(_choices(tp))})"
+    return ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {_got(value)}; {fix}")
+
+
+# ------------------------------------------------------------------------- declaring
+
+
+def sectioned(cls: type[T]) -> type[T]:
+    """``@dataclass`` for a config made of [sections]: each field is a config dataclass and
+    defaults to that class's defaults (``model: ModelConfig`` means
+    ``model: ModelConfig = field(default_factory=ModelConfig)``)."""
+    hints = typing.get_type_hints(cls)
+    for name in cls.__annotations__:
+        if not _is_dataclass_type(hints[name]):
+            raise TypeError(f"{cls.__name__}.{name}: a sectioned config holds only config dataclasses")
+        if name not in cls.__dict__:
+            setattr(cls, name, dataclasses.field(default_factory=hints[name]))
+    return dataclasses.dataclass(cls)
+
+
+def check_choices(cfg: Any, name: typing.Callable[[str], str] = str) -> None:
+    """ConfigError for a Literal field of the dataclass `cfg` holding a value it does not allow:
+    the loader checks that for TOML and overrides, this for a config built in code.
+    name(field) is how the message names the field (a config key, a command-line flag)."""
+    for f, tp in _field_types(type(cfg)).items():
+        value = getattr(cfg, f)
+        if _choices(tp) and not _allows(_choices(tp), value) and not (value is None and _accepts_none(tp)):
+            raise ConfigError(f"{name(f)}: {value!r} is not known; use {_one_of(_choices(tp))}")
 
 
 # ------------------------------------------------------------------------ conversion
@@ -125,8 +178,7 @@ def _convert(value: Any, tp: Any, key: str, root: type) -> Any:
                 continue
         raise _type_error(key, tp, value)
     if origin is Literal:
-        # type(a) check: True == 1 and 1 == 1.0 must not pass for each other.
-        if any(value == a and type(value) is type(a) for a in args):
+        if _allows(args, value):
             return value
         raise _type_error(key, tp, value)
     if origin is list or origin is tuple:
@@ -172,11 +224,12 @@ def _convert_raw(text: str, tp: Any, key: str, root: type) -> Any:
     if _accepts_none(tp) and text.strip().lower() in ("none", "null"):
         return None
     ok, parsed = _parse_toml_value(text)
+    literal_error = None
     if ok:
         try:
             return _convert(parsed, tp, key, root)
-        except ConfigError:
-            pass
+        except ConfigError as e:
+            literal_error = e
     if not ok:  # Python float spellings TOML lacks, such as .5 or 1.e-3
         try:
             return _convert(float(text), tp, key, root)
@@ -186,7 +239,13 @@ def _convert_raw(text: str, tp: Any, key: str, root: type) -> Any:
     if origin in (list, tuple) and not text.strip().startswith("["):
         items = [] if not text.strip() else [_Raw(t.strip()) for t in text.split(",")]
         return _convert(items, tp, key, root)
-    return _convert(text, tp, key, root)
+    try:
+        return _convert(text, tp, key, root)
+    except ConfigError:
+        # not a string either: the TOML value's error says more (e.g. which list item is wrong)
+        if literal_error is not None:
+            raise literal_error from None
+        raise
 
 
 # ------------------------------------------------------------------------- loading
@@ -382,4 +441,4 @@ def save_config(cfg: Any, path: str | Path) -> Path:
 
 
 __all__ = ["load_config", "config_from_dict", "apply_override", "config_to_dict", "dump_toml",
-           "save_config"]
+           "save_config", "sectioned", "check_choices"]

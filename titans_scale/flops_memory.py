@@ -20,10 +20,6 @@ from dataclasses import dataclass
 F32 = 4
 
 
-def hidden_width(d: int, depth: int, expansion: int, d_out: int | None = None) -> int:
-    return (d_out or d) if depth == 1 else expansion * d
-
-
 def state_numel(d: int, depth: int, expansion: int = 4, d_out: int | None = None) -> int:
     """|W|: parameters of one head's memory MLP (the momentum S has the same size)."""
     if depth == 1:

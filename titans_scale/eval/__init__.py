@@ -1,7 +1,7 @@
 """Long-context evaluation: recall suites (needle in a haystack, MQAR) swept over length x
 depth, streamed through the model in pieces, reported as JSON and heat maps.
 
-  spec.py       SweepSpec: which suite, lengths, depths, needle format (no torch at import)
+  spec.py       EvalSweepSpec: which suite, lengths, depths, needle format (no torch at import)
   sweep.py      run_sweep: accuracy per (length, depth) cell, with streaming cost recorded
   baselines.py  chance level of a suite and the attention reach of a model
   report.py     JSON and the heat-map PNG (matplotlib, Agg)

@@ -18,7 +18,7 @@ import logging
 from pathlib import Path
 
 from titans_scale.errors import ConfigError
-from titans_scale.eval.spec import HAYSTACKS, NEEDLES, SweepSpec
+from titans_scale.eval.spec import HAYSTACKS, NEEDLES, EvalSweepSpec
 
 log = logging.getLogger("titans_scale.eval")
 
@@ -50,7 +50,7 @@ def _numbers(text: str, kind, flag: str) -> list:
         raise ConfigError(f"{flag}: '{text}' is not a comma-separated list of numbers") from None
 
 
-def suite_specs(cfg, args) -> list[SweepSpec]:
+def suite_specs(cfg, args) -> list[EvalSweepSpec]:
     """The sweeps `args` asks for, with needle defaults taken from the run's training mixture."""
     from titans_scale.train.data import RecallMix
 
@@ -61,7 +61,7 @@ def suite_specs(cfg, args) -> list[SweepSpec]:
         if args.suite not in (suite, "all"):
             continue
         digits = args.digits or (mix.digits if trained == suite and mix.digits else _DEFAULT_DIGITS[suite])
-        specs.append(SweepSpec(suite, _numbers(args.lengths, int, "--lengths"),
+        specs.append(EvalSweepSpec(suite, _numbers(args.lengths, int, "--lengths"),
                                depths=_numbers(args.depths, float, "--depths"), samples=args.samples,
                                seed=args.seed, needle=args.needle, haystack=args.haystack or mix.haystack,
                                digits=digits, pairs=args.pairs, piece=args.piece).validate())

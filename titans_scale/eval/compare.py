@@ -20,7 +20,7 @@ from titans_scale.errors import DataError
 
 
 @dataclass
-class RunSummary:
+class EvaluatedRun:
     name: str
     layers: list[str]
     steps: int
@@ -39,7 +39,7 @@ class RunSummary:
         return [c for c in self.sweep["cells"] if c["min_distance"] > distance]
 
 
-def common_beyond(runs: list[RunSummary]) -> float:
+def common_beyond(runs: list[EvaluatedRun]) -> float:
     """One threshold for all runs: beyond the attention of every model compared."""
     return max(float("inf") if r.sweep["beyond_distance"] is None else r.sweep["beyond_distance"] for r in runs)
 
@@ -49,7 +49,7 @@ def _records(run: Path) -> list[dict]:
     return [json.loads(line) for line in p.read_text().splitlines()] if p.is_file() else []
 
 
-def summarize(run: str | Path, suite: str = "niah") -> RunSummary:
+def summarize(run: str | Path, suite: str = "niah") -> EvaluatedRun:
     run = Path(run)
     sweep_path, cfg_path = run / "eval" / f"{suite}.json", run / "config.toml"
     for p, fix in ((cfg_path, "is it a training run folder?"),
@@ -61,7 +61,7 @@ def summarize(run: str | Path, suite: str = "niah") -> RunSummary:
     train = [r for r in recs if r["kind"] == "train"]
     start = next((r["time"] for r in recs if r["kind"] == "start"), None)
     evals = [r for r in recs if r["kind"] == "eval"]
-    return RunSummary(run.name, list(cfg["model"]["layers"]), train[-1]["step"] if train else 0,
+    return EvaluatedRun(run.name, list(cfg["model"]["layers"]), train[-1]["step"] if train else 0,
                       (train[-1]["time"] - start) if train and start else float("nan"),
                       train[-1]["loss"] if train else float("nan"),
                       evals[-1]["val_loss"] if evals else None, json.loads(sweep_path.read_text()))
@@ -71,7 +71,7 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
-def markdown_table(runs: list[RunSummary]) -> str:
+def markdown_table(runs: list[EvaluatedRun]) -> str:
     """Accuracy pooled over the cells beyond every compared model's attention (same cells for all)."""
     far = common_beyond(runs)
     rows = [f"| run | layers | memory | steps | train time | val loss | accuracy, needle > {far:g} tokens back "
@@ -95,7 +95,7 @@ def _pyplot():
     return plt
 
 
-def plot_distance(runs: list[RunSummary], path: Path) -> Path:
+def plot_distance(runs: list[EvaluatedRun], path: Path) -> Path:
     """Accuracy against the needle's distance from its question, one line per run."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
@@ -127,7 +127,7 @@ def _ema(xs: list[float], keep: float = 0.8) -> list[float]:
     return out
 
 
-def plot_losses(runs: list[RunSummary], run_dirs: list[Path], path: Path) -> Path:
+def plot_losses(runs: list[EvaluatedRun], run_dirs: list[Path], path: Path) -> Path:
     """Training loss (corpus + recall answers, smoothed) per step, one line per run."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 3.6))

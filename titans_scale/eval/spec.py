@@ -3,43 +3,42 @@ the CLI parser stays light)."""
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
+from typing import Literal
 
+from titans_scale.config_io import check_choices
 from titans_scale.errors import ConfigError
 
-SUITES = ("niah", "recall")
-NEEDLES = ("passkey", "number", "word")
-HAYSTACKS = ("noise", "corpus")
+Needle = Literal["passkey", "number", "word"]
+Haystack = Literal["noise", "corpus"]
+NEEDLES, HAYSTACKS = typing.get_args(Needle), typing.get_args(Haystack)     # the eval flags' choices
 
 
 @dataclass
-class SweepSpec:
-    suite: str                                   # niah | recall
+class EvalSweepSpec:
+    suite: Literal["niah", "recall"]
     lengths: list[int]
     depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     samples: int = 20
     seed: int = 10_000
-    needle: str = "passkey"                      # niah: passkey | number | word
-    haystack: str = "noise"                      # noise | corpus
+    needle: Needle = "passkey"                   # niah only
+    haystack: Haystack = "noise"
     digits: int = 5                              # pass key / magic number / MQAR value digits
     pairs: int = 0                               # recall: key-value pairs; 0 = min(8, length // 96)
     piece: int = 2048                            # tokens fed to the model per call
 
-    def validate(self) -> "SweepSpec":
+    def validate(self) -> "EvalSweepSpec":
+        """Built from command-line flags (or in code), so the messages name the flags."""
         def bad(name, msg):
             raise ConfigError(f"{name}: {msg}")
-        if self.suite not in SUITES:
-            bad("--suite", f"'{self.suite}' is not a recall suite; use {' or '.join(SUITES)}")
+        check_choices(self, lambda f: f"--{f}")
         if not self.lengths or any(n < 1 for n in self.lengths):
             bad("--lengths", f"need positive token counts, got {self.lengths}")
         if not self.depths or any(not 0.0 <= d <= 1.0 for d in self.depths):
             bad("--depths", f"need depths in [0, 1], got {self.depths}")
         if self.samples < 1:
             bad("--samples", f"must be >= 1, got {self.samples}")
-        if self.needle not in NEEDLES:
-            bad("--needle", f"'{self.needle}' is not known; use {', '.join(NEEDLES)}")
-        if self.haystack not in HAYSTACKS:
-            bad("--haystack", f"'{self.haystack}' is not known; use {' or '.join(HAYSTACKS)}")
         if self.digits < 1:
             bad("--digits", f"must be >= 1, got {self.digits}")
         if self.piece < 1:
@@ -64,4 +63,4 @@ class SweepSpec:
                            haystack=self.haystack, value_digits=self.digits)
 
 
-__all__ = ["SweepSpec", "SUITES", "NEEDLES", "HAYSTACKS"]
+__all__ = ["EvalSweepSpec", "NEEDLES", "HAYSTACKS"]

@@ -1,6 +1,6 @@
 """Length x depth sweeps of the recall suites, streamed so length is bounded by time only.
 
-    spec = SweepSpec("niah", lengths=[1024, 32768], depths=[0.0, 0.5, 1.0], samples=10, digits=2)
+    spec = EvalSweepSpec("niah", lengths=[1024, 32768], depths=[0.0, 0.5, 1.0], samples=10, digits=2)
     result = run_sweep(model, tokenizer, spec)          # one Cell per (length, depth)
 
 * niah: S-NIAH-style needles (a pass key, or a magic number / word keyed by a pseudo-word)
@@ -27,7 +27,7 @@ import torch
 
 from titans_scale.data.synthetic import RecallSample
 from titans_scale.eval.baselines import attention_reach, beyond_attention, chance_accuracy
-from titans_scale.eval.spec import SweepSpec
+from titans_scale.eval.spec import EvalSweepSpec
 from titans_scale.train.evaluate import stream_predictions
 from titans_scale.train.hardware import peak_rss_bytes
 
@@ -90,7 +90,7 @@ class Cell:
 
 @dataclass
 class SweepResult:
-    spec: SweepSpec
+    spec: EvalSweepSpec
     cells: list[Cell]
     chance: float                      # exact-match accuracy of a uniform guess of one answer
     attention_reach: float             # tokens attention alone can carry information
@@ -152,7 +152,7 @@ class _Recorder:
         return logits.float(), state
 
 
-def run_sweep(model, tokenizer, spec: SweepSpec, log=None) -> SweepResult:
+def run_sweep(model, tokenizer, spec: EvalSweepSpec, log=None) -> SweepResult:
     """Accuracy of `model` per (length, depth) cell of `spec`; `log(cell)` is called after each."""
     spec.validate()
     was = model.training
@@ -177,4 +177,4 @@ def run_sweep(model, tokenizer, spec: SweepSpec, log=None) -> SweepResult:
                        beyond_attention(cfg), rec.max_piece, rec.state_bytes, peak_rss_bytes())
 
 
-__all__ = ["SweepSpec", "SweepResult", "Cell", "run_sweep", "state_bytes"]
+__all__ = ["EvalSweepSpec", "SweepResult", "Cell", "run_sweep", "state_bytes"]

@@ -22,14 +22,14 @@ def _launch_plan(args):
     """(torchrun command, environment for the ranks) of the launch these arguments ask for."""
     from titans_scale.config import load_run_config
     from titans_scale.launcher.env import rank_env
-    from titans_scale.launcher.layout import make_layout
+    from titans_scale.launcher.layout import process_grid
     from titans_scale.launcher.torchrun import Rendezvous, TorchrunCommand
 
     cfg = load_run_config(args.config, args.overrides)
     gpus = 0 if args.cpu else _cuda_devices()
     nproc = args.nproc_per_node or gpus or cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp
-    layout = make_layout(cfg.parallel, args.nnodes, nproc, gpu=gpus > 0)
-    _check_model_fits(cfg, layout)
+    grid = process_grid(cfg.parallel, args.nnodes, nproc, gpu=gpus > 0)
+    _check_model_fits(cfg, grid)
     run_dir = Path(cfg.train.run_dir).resolve()
     if args.nnodes > 1 and not args.rdzv_endpoint:
         raise ConfigError(f"--rdzv-endpoint: {args.nnodes} nodes need a rendezvous host:port (the first "
@@ -38,16 +38,16 @@ def _launch_plan(args):
     run_id = args.rdzv_id or "titans-" + hashlib.sha1(str(run_dir).encode()).hexdigest()[:10]
     tag = time.strftime("launch-%Y%m%d-%H%M%S")
     train_args = ["train", "--config", args.config, *(["--fresh"] if args.fresh else []), *args.overrides]
-    cmd = TorchrunCommand(layout, Rendezvous(args.rdzv_endpoint, run_id), str(run_dir / "logs" / tag),
+    cmd = TorchrunCommand(grid, Rendezvous(args.rdzv_endpoint, run_id), str(run_dir / "logs" / tag),
                           train_args)
-    return cmd, rank_env(layout.gpu, args.threads_per_rank)
+    return cmd, rank_env(grid.gpu, args.threads_per_rank)
 
 
-def _check_model_fits(cfg, layout) -> None:
+def _check_model_fits(cfg, grid) -> None:
     """The trainer's own layout rules (heads divisible by tp, a pipeline stage per layer, ...),
     checked now rather than when the job starts."""
     from titans_scale.parallel.layout import plan_layout
-    plan_layout(cfg, layout.world_size)
+    plan_layout(cfg, grid.world_size)
 
 
 def _cuda_devices() -> int:
@@ -59,7 +59,7 @@ def cmd_launch(args) -> int:
     cmd, env = _launch_plan(args)
     argv = cmd.argv()
     line = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + " " + shlex.join(argv)
-    print(f"# {cmd.layout.describe()}\n{line}", flush=True)
+    print(f"# {cmd.grid.describe()}\n{line}", flush=True)
     if args.dry_run:
         return 0
     Path(cmd.log_dir).mkdir(parents=True, exist_ok=True)
@@ -69,7 +69,7 @@ def cmd_launch(args) -> int:
 # ------------------------------------------------------------------------------ slurm
 
 
-def _sweep_points(path: str, base_args: tuple[str, list[str]], run_dir: Path, layout_of) -> list:
+def _sweep_points(path: str, base_args: tuple[str, list[str]], run_dir: Path, grid_of) -> list:
     """Job-array points from a file: one line of overrides per point, '#' comments ignored."""
     from titans_scale.config import load_run_config
     from titans_scale.launcher.slurm import SweepPoint
@@ -87,7 +87,7 @@ def _sweep_points(path: str, base_args: tuple[str, list[str]], run_dir: Path, la
             continue
         i = len(points)
         cfg = load_run_config(base_args[0], [*base_args[1], *ov])
-        layout_of(cfg)                              # every point must fit the allocation
+        grid_of(cfg)                                # every point must fit the allocation
         if any(o.split("=", 1)[0].strip() == "train.run_dir" for o in ov):
             point_dir = Path(cfg.train.run_dir).resolve()
             ov = [o for o in ov if o.split("=", 1)[0].strip() != "train.run_dir"]
@@ -102,7 +102,7 @@ def _sweep_points(path: str, base_args: tuple[str, list[str]], run_dir: Path, la
 def cmd_slurm_submit(args) -> int:
     from titans_scale.config import load_run_config
     from titans_scale.config_io import save_config
-    from titans_scale.launcher.layout import make_layout
+    from titans_scale.launcher.layout import process_grid
     from titans_scale.launcher.slurm import SlurmJob, render_sbatch, submit
 
     cfg = load_run_config(args.config, args.overrides)
@@ -113,21 +113,21 @@ def cmd_slurm_submit(args) -> int:
     nproc = args.gpus_per_node or args.procs_per_node or 1
     procs_flag = "--gpus-per-node" if gpu else "--procs-per-node"
 
-    def layout_of(cfg):
-        lay = make_layout(cfg.parallel, args.nodes, nproc, gpu, nodes_flag="--nodes", procs_flag=procs_flag)
-        _check_model_fits(cfg, lay)
-        return lay
+    def grid_of(cfg):
+        grid = process_grid(cfg.parallel, args.nodes, nproc, gpu, nodes_flag="--nodes", procs_flag=procs_flag)
+        _check_model_fits(cfg, grid)
+        return grid
 
-    layout = layout_of(cfg)
+    grid = grid_of(cfg)
     if args.signal_lead < 1:
         raise ConfigError(f"--signal-lead: must be >= 1 second, got {args.signal_lead}")
     run_dir = Path(cfg.train.run_dir).resolve()
     cfg.train.run_dir = str(run_dir)                # the job does not depend on where it starts
-    sweep = _sweep_points(args.sweep, (args.config, args.overrides), run_dir, layout_of) if args.sweep else []
+    sweep = _sweep_points(args.sweep, (args.config, args.overrides), run_dir, grid_of) if args.sweep else []
     slurm_dir = run_dir / "slurm"
     config_path = slurm_dir / "job.toml"
     job = SlurmJob(
-        layout=layout, job_name=args.job_name or f"titans-{run_dir.name}", run_dir=str(run_dir),
+        grid=grid, job_name=args.job_name or f"titans-{run_dir.name}", run_dir=str(run_dir),
         workdir=str(Path.cwd()), config=str(config_path), python=sys.executable,
         partition=args.partition, account=args.account, qos=args.qos, time=args.time,
         cpus_per_task=args.cpus_per_task, threads_per_rank=args.threads_per_rank,
@@ -149,7 +149,7 @@ def cmd_slurm_submit(args) -> int:
     job_id = submit(str(script_path))
     log = job.output.replace("%%", "%").replace("%j", job_id).replace("%A", job_id)
     print(json.dumps({"job_id": job_id, "script": str(script_path), "log": log,
-                      "layout": layout.describe()}))
+                      "layout": grid.describe()}))
     return 0
 
 

@@ -15,7 +15,10 @@ from titans_scale.errors import ConfigError
 
 
 @dataclass(frozen=True)
-class Layout:
+class ProcessGrid:
+    """The processes a launch starts: nodes x ranks per node, and the model-parallel sizes they
+    must fit (the trainer's full layout is titans_scale.parallel.layout.Layout)."""
+
     nnodes: int
     nproc_per_node: int       # ranks per node: one per GPU, or CPU processes
     gpu: bool                 # ranks drive GPUs (NCCL, DS_ACCELERATOR=cuda) or CPUs (gloo)
@@ -40,17 +43,17 @@ class Layout:
                 f"{self.world_size} ranks: TP={self.tp} PP={self.pp} CP={self.cp} DP={self.dp}")
 
 
-def make_layout(parallel: ParallelConfig, nnodes: int, nproc_per_node: int, gpu: bool,
-                nodes_flag: str = "--nnodes", procs_flag: str = "--nproc-per-node") -> Layout:
-    """A checked Layout; errors name the command-line flag or config key to change."""
+def process_grid(parallel: ParallelConfig, nnodes: int, nproc_per_node: int, gpu: bool,
+                 nodes_flag: str = "--nnodes", procs_flag: str = "--nproc-per-node") -> ProcessGrid:
+    """A checked ProcessGrid; errors name the command-line flag or config key to change."""
     if not isinstance(nnodes, int) or nnodes < 1:
         raise ConfigError(f"{nodes_flag}: must be an integer >= 1, got {nnodes!r}")
     if not isinstance(nproc_per_node, int) or nproc_per_node < 1:
         raise ConfigError(f"{procs_flag}: must be an integer >= 1, got {nproc_per_node!r}")
-    lay = Layout(nnodes, nproc_per_node, gpu, parallel.tp, parallel.pp, parallel.cp)
-    if lay.world_size % lay.model_parallel:
+    grid = ProcessGrid(nnodes, nproc_per_node, gpu, parallel.tp, parallel.pp, parallel.cp)
+    if grid.world_size % grid.model_parallel:
         raise ConfigError(
-            f"{nodes_flag} {nnodes} x {procs_flag} {nproc_per_node} = {lay.world_size} ranks is not a "
-            f"multiple of parallel.tp*pp*cp = {lay.tp}*{lay.pp}*{lay.cp} = {lay.model_parallel}; "
-            f"use a world size that is a multiple of {lay.model_parallel} or change parallel.tp/pp/cp")
-    return lay
+            f"{nodes_flag} {nnodes} x {procs_flag} {nproc_per_node} = {grid.world_size} ranks is not a "
+            f"multiple of parallel.tp*pp*cp = {grid.tp}*{grid.pp}*{grid.cp} = {grid.model_parallel}; "
+            f"use a world size that is a multiple of {grid.model_parallel} or change parallel.tp/pp/cp")
+    return grid

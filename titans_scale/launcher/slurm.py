@@ -22,7 +22,7 @@ from importlib import resources
 
 from titans_scale.errors import ConfigError, TitansError
 from titans_scale.launcher.env import rank_env
-from titans_scale.launcher.layout import Layout
+from titans_scale.launcher.layout import ProcessGrid
 from titans_scale.launcher.requeue import REQUEUE_ENV
 from titans_scale.launcher.shell import Shell, command, word
 from titans_scale.launcher.torchrun import Rendezvous, TorchrunCommand
@@ -42,7 +42,7 @@ class SweepPoint:
 
 @dataclass(frozen=True)
 class SlurmJob:
-    layout: Layout
+    grid: ProcessGrid
     job_name: str
     run_dir: str                 # absolute: the slurm/ and logs/ folders live here
     workdir: str                 # absolute: the script cd's here, so relative data paths resolve
@@ -130,16 +130,16 @@ def fill(template: str, values: dict[str, str]) -> str:
 
 
 def _cpus(job: SlurmJob) -> int:
-    return job.cpus_per_task or job.layout.nproc_per_node * job.threads_per_rank
+    return job.cpus_per_task or job.grid.nproc_per_node * job.threads_per_rank
 
 
 def _directives(job: SlurmJob) -> list[str]:
-    lay = job.layout
+    grid = job.grid
     cpus = _cpus(job)
-    d = [directive("--job-name", job.job_name), directive("--nodes", lay.nnodes),
+    d = [directive("--job-name", job.job_name), directive("--nodes", grid.nnodes),
          directive("--ntasks-per-node", 1)]
-    if lay.gpu:
-        d.append(directive("--gpus-per-node", lay.nproc_per_node))
+    if grid.gpu:
+        d.append(directive("--gpus-per-node", grid.nproc_per_node))
     d.append(directive("--cpus-per-task", cpus))
     for opt, val in (("--partition", job.partition), ("--account", job.account),
                      ("--qos", job.qos), ("--time", job.time)):
@@ -164,34 +164,34 @@ def _exports(env: dict[str, str]) -> str:
 
 def template_values(job: SlurmJob) -> dict[str, str]:
     """Every placeholder of the job's template, quoted for its place in the script."""
-    lay = job.layout
-    env = rank_env(lay.gpu, job.threads_per_rank)
+    grid = job.grid
+    env = rank_env(grid.gpu, job.threads_per_rank)
     prefix = env.pop("TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE")
     threads = {k: env.pop(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "DS_ACCELERATOR")}
     if job.requeue:
         env[REQUEUE_ENV] = "1"
     torchrun = TorchrunCommand(
-        layout=lay,
+        grid=grid,
         rdzv=Rendezvous(endpoint=Shell('"$HEAD_NODE:$RDZV_PORT"'), run_id=Shell('"$SLURM_JOB_ID"')),
         log_dir=Shell('"$LOG_DIR"'),
         train_args=[Shell('"${TRAIN_ARGS[@]}"')],
     )
-    srun = [f"--nodes={lay.nnodes}", f"--ntasks={lay.nnodes}", "--ntasks-per-node=1",
+    srun = [f"--nodes={grid.nnodes}", f"--ntasks={grid.nnodes}", "--ntasks-per-node=1",
             f"--cpus-per-task={_cpus(job)}", "--kill-on-bad-exit=1"]
-    if lay.gpu:
-        srun.append(f"--gpus-per-node={lay.nproc_per_node}")
+    if grid.gpu:
+        srun.append(f"--gpus-per-node={grid.nproc_per_node}")
     note = ""
     if job.requeue:
         note = (f"# Preemption: every rank gets SIGUSR1 {job.signal_lead_s} s before the time limit (and on\n"
                 "# `scancel --signal=USR1 <id>`); it finishes its step, the run checkpoints, rank 0 runs\n"
                 "# `scontrol requeue`, and the requeued job resumes from the newest checkpoint.")
     values = {
-        "layout": lay.describe(), "requeue_note": note, "sbatch_options": "\n".join(_directives(job)),
+        "layout": grid.describe(), "requeue_note": note, "sbatch_options": "\n".join(_directives(job)),
         "python": word(job.python), "train_args": _words(["train", "--config", job.config, *job.train_args]),
         "workdir": word(job.workdir), "threads_per_rank": str(job.threads_per_rank),
         "thread_env": _exports(threads), "rank_env": _exports(env), "log_prefix": word(prefix),
-        "procs_per_node": str(lay.nproc_per_node), "kind": "GPU" if lay.gpu else "CPU",
-        "world_size": str(lay.world_size), "srun_options": " ".join(srun),
+        "procs_per_node": str(grid.nproc_per_node), "kind": "GPU" if grid.gpu else "CPU",
+        "world_size": str(grid.world_size), "srun_options": " ".join(srun),
         "torchrun_args": command(torchrun.groups()),
     }
     if job.sweep:

@@ -16,7 +16,7 @@ import signal
 import sys
 from dataclasses import dataclass, field
 
-from titans_scale.launcher.layout import Layout
+from titans_scale.launcher.layout import ProcessGrid
 from titans_scale.launcher.shell import option
 
 AGENT_MODULE = "titans_scale.launcher.torchrun"
@@ -33,15 +33,15 @@ class Rendezvous:
 
 @dataclass(frozen=True)
 class TorchrunCommand:
-    layout: Layout
+    grid: ProcessGrid
     rdzv: Rendezvous
     log_dir: str                  # torchrun --log-dir: per-rank stdout/stderr/error.json
     train_args: list[str] = field(default_factory=list)   # `titans-scale train` arguments
 
     def groups(self) -> list[list[str]]:
         """torchrun's arguments in readable groups: layout, rendezvous, logs, the rank program."""
-        lay = self.layout
-        size = [f"--nnodes={lay.nnodes}", f"--nproc-per-node={lay.nproc_per_node}"]
+        grid = self.grid
+        size = [f"--nnodes={grid.nnodes}", f"--nproc-per-node={grid.nproc_per_node}"]
         if self.rdzv.endpoint is None:
             rdzv = ["--standalone"]
         else:

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
+from typing import Literal
 
 from titans_scale.errors import ConfigError
 
-MEMORY_MIXERS = ("mac", "mag", "mal", "lmm")
-ATTENTION_MIXERS = ("swa", "seg", "attn")   # memory-off baselines: sliding window, segments, full
-MIXERS = MEMORY_MIXERS + ATTENTION_MIXERS
+MemoryMixer = Literal["mac", "mag", "mal", "lmm"]
+AttentionMixer = Literal["swa", "seg", "attn"]   # memory-off baselines: sliding window, segments, full
+Mixer = Literal[MemoryMixer, AttentionMixer]
+MEMORY_MIXERS = typing.get_args(MemoryMixer)
+ATTENTION_MIXERS = typing.get_args(AttentionMixer)
+MIXERS = typing.get_args(Mixer)
 
 
 class ModelConfigError(ConfigError):
@@ -20,7 +25,7 @@ class ModelConfig:
     vocab_size: int = 259                 # byte tokenizer: 256 bytes + bos/eos/pad
     d_model: int = 256
     n_heads: int = 4                      # attention heads
-    layers: list[str] = field(default_factory=lambda: ["swa", "mag", "swa", "mag"])
+    layers: list[Mixer] = field(default_factory=lambda: ["swa", "mag", "swa", "mag"])
     mlp_hidden: int = 0                   # SwiGLU width; 0 = 8/3 * d_model rounded up to 32
     # neural memory (DESIGN.md section 3)
     mem_heads: int = 0                    # 0 = n_heads

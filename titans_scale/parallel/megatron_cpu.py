@@ -59,7 +59,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["apply_megatron_cpu_compat", "applied_changes", "cpu_compat_active"]
+__all__ = ["apply_megatron_cpu_compat", "applied_changes"]
 
 _CPU = torch.device("cpu")
 
@@ -223,11 +223,6 @@ class _DropForkWarning(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return _FORK_WARNING not in record.getMessage()
-
-
-def cpu_compat_active() -> bool:
-    """True once apply_megatron_cpu_compat() has routed megatron's CUDA calls to the CPU."""
-    return bool(_applied)
 
 
 def applied_changes() -> list[str]:

@@ -112,11 +112,6 @@ def fp8_enabled() -> bool:
     return _STATE.enabled
 
 
-def active_recipe() -> Fp8Recipe | None:
-    """The recipe of the innermost fp8_autocast region, None outside any."""
-    return _STATE.recipe
-
-
 @contextmanager
 def fp8_autocast(
     enabled: bool = True,
@@ -483,7 +478,6 @@ __all__ = [
     "FP8_META_COLUMNS",
     "Fp8Linear",
     "Fp8MetaMixin",
-    "active_recipe",
     "convert_linears_to_fp8",
     "dequantize",
     "fp8_autocast",

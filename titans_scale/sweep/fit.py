@@ -28,6 +28,8 @@ import numpy as np
 from scipy.optimize import minimize
 from threadpoolctl import threadpool_limits
 
+from titans_scale.errors import DataError
+
 __all__ = ["ChinchillaFit", "FitInputError", "fit_chinchilla", "huber_objective", "percentile_interval"]
 
 N_PARAMS = 5  # (a, b, e, alpha, beta)
@@ -43,8 +45,9 @@ _GRID_LOGAMP = np.arange(0.0, 25.1, 5.0)
 _EXPONENT_BOUNDS = (0.0, 5.0)
 
 
-class FitInputError(ValueError):
-    """Bad input to a scaling-law fit (message names the argument and the fix)."""
+class FitInputError(DataError):
+    """Bad input to a scaling-law fit (message names the argument and the fix); the CLI prints
+    it as one line."""
 
 
 def as_positive_array(name: str, values: Any) -> np.ndarray:

@@ -187,7 +187,7 @@ def slurm_job(sweep_dir: str | Path, slurm: SlurmSection, *, variants: list[str]
     """The job array (titans_scale.launcher.slurm.SlurmJob) over the unfinished points: task i
     runs `titans-scale train --config <a point's config> <point i's overrides>` under torchrun."""
     from titans_scale.config import load_run_config
-    from titans_scale.launcher.layout import make_layout
+    from titans_scale.launcher.layout import process_grid
     from titans_scale.launcher.slurm import SlurmJob, SweepPoint
 
     sweep_dir = Path(sweep_dir).resolve()
@@ -197,13 +197,13 @@ def slurm_job(sweep_dir: str | Path, slurm: SlurmSection, *, variants: list[str]
         raise SweepRunError("no points to submit: every selected point is finished or skipped")
     base = sweep_dir / todo[0].config
     gpu = slurm.gpus_per_node > 0
-    layout = make_layout(load_run_config(str(base)).parallel, slurm.nodes, slurm.gpus_per_node or slurm.procs_per_node,
-                         gpu, nodes_flag="slurm.nodes", procs_flag="slurm.gpus_per_node / procs_per_node")
-    if layout.dp != plan.data_parallel:
-        raise ConfigError(f"slurm: {layout.describe()} trains with DP={layout.dp}, but the plan counts tokens for "
+    grid = process_grid(load_run_config(str(base)).parallel, slurm.nodes, slurm.gpus_per_node or slurm.procs_per_node,
+                        gpu, nodes_flag="slurm.nodes", procs_flag="slurm.gpus_per_node / procs_per_node")
+    if grid.dp != plan.data_parallel:
+        raise ConfigError(f"slurm: {grid.describe()} trains with DP={grid.dp}, but the plan counts tokens for "
                           f"sweep.data_parallel={plan.data_parallel}; make them agree and re-plan")
     points = [SweepPoint(str((sweep_dir / p.run_dir).resolve()), point_overrides(sweep_dir, p)) for p in todo]
-    job = SlurmJob(layout=layout, job_name=job_name or f"sweep-{plan.name}", run_dir=str(sweep_dir),
+    job = SlurmJob(grid=grid, job_name=job_name or f"sweep-{plan.name}", run_dir=str(sweep_dir),
                    workdir=os.getcwd(), config=str(base), python=sys.executable,
                    partition=slurm.partition or None, account=slurm.account or None, qos=slurm.qos or None,
                    time=slurm.time or None, cpus_per_task=slurm.cpus_per_task or None,

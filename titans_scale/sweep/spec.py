@@ -24,12 +24,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, NoReturn
 
-from titans_scale.config_io import load_config
+from titans_scale.config_io import load_config, sectioned
 from titans_scale.errors import ConfigError
 from titans_scale.model.config import MIXERS
 
-DESIGNS = ("isoflop", "grid")
 ALIASES = {"transformer": "attn"}
 
 
@@ -37,15 +37,30 @@ class SweepSpecError(ConfigError):
     """A bad sweep spec value; the message names the key and the fix."""
 
 
+def _bad(key: str, msg: str) -> NoReturn:
+    raise SweepSpecError(f"sweep spec '{key}': {msg}")
+
+
 @dataclass
 class SweepSection:
     name: str = "sweep"
     out_dir: str = "runs/sweeps/sweep"
     base_config: str = "configs/tiny.toml"
-    design: str = "isoflop"
+    design: Literal["isoflop", "grid"] = "isoflop"
     variants: list[str] = field(default_factory=lambda: ["mag"])
     overrides: list[str] = field(default_factory=list)
     data_parallel: int = 1          # data-parallel ranks per point (Slurm); tokens/step = batch x seq x this
+
+    def validate(self) -> None:
+        if not self.name or "/" in self.name:
+            _bad("sweep.name", f"must be a non-empty name without '/', got {self.name!r}")
+        if self.data_parallel < 1:
+            _bad("sweep.data_parallel", f"must be >= 1, got {self.data_parallel}")
+        if not self.variants:
+            _bad("sweep.variants", 'needs at least one variant, e.g. ["mag", "transformer"]')
+        names = [parse_variant(v)[0] for v in self.variants]
+        if len(set(names)) != len(names):
+            _bad("sweep.variants", f"names repeat: {names}")
 
 
 @dataclass
@@ -57,6 +72,20 @@ class SizesSection:
     max_layers: int = 64
     head_dim: int = 16                                     # n_heads = d_model / head_dim
 
+    def validate(self) -> None:
+        if not self.d_model or any(d < 2 for d in self.d_model):
+            _bad("sizes.d_model", f"needs one or more widths >= 2, got {self.d_model}")
+        if self.n_layers and len(self.n_layers) != len(self.d_model):
+            _bad("sizes.n_layers", f"has {len(self.n_layers)} values for {len(self.d_model)} widths; give one "
+                 "per d_model or leave it empty for the aspect rule")
+        if any(n < 1 for n in self.n_layers) or self.min_layers < 1 or self.max_layers < self.min_layers:
+            _bad("sizes.n_layers", "layer counts must be >= 1 and min_layers <= max_layers")
+        if self.aspect <= 0 or self.head_dim < 2:
+            _bad("sizes.aspect", "aspect must be > 0 and head_dim >= 2")
+        for d in self.d_model:
+            if d % self.head_dim:
+                _bad("sizes.head_dim", f"head_dim={self.head_dim} must divide every d_model (not {d})")
+
 
 @dataclass
 class BudgetsSection:
@@ -64,6 +93,10 @@ class BudgetsSection:
     tokens: list[float] = field(default_factory=list)     # grid: training tokens per point
     min_steps: int = 10
     max_steps: int = 1_000_000
+
+    def validate(self) -> None:
+        if self.min_steps < 1 or self.max_steps < self.min_steps:
+            _bad("budgets.min_steps", "need 1 <= min_steps <= max_steps")
 
 
 @dataclass
@@ -73,6 +106,10 @@ class LrSection:
     exponent: float = 0.0
     values: list[float] = field(default_factory=list)     # one per size; overrides the rule
 
+    def validate(self) -> None:
+        if any(not v > 0 for v in self.values) or not self.base > 0 or self.base_width < 1:
+            _bad("lr.base", "learning rates and base_width must be > 0")
+
 
 @dataclass
 class ScheduleSection:
@@ -81,6 +118,12 @@ class ScheduleSection:
     logs_per_run: int = 20
     evals_per_run: int = 1                                 # the last eval gives the point's loss
     checkpoints_per_run: int = 4
+
+    def validate(self) -> None:
+        if not 0 <= self.warmup_fraction < 1:
+            _bad("schedule.warmup_fraction", f"must be in [0, 1), got {self.warmup_fraction}")
+        if min(self.logs_per_run, self.evals_per_run, self.checkpoints_per_run) < 1:
+            _bad("schedule.evals_per_run", "logs, evals and checkpoints per run must be >= 1")
 
 
 @dataclass
@@ -102,68 +145,36 @@ class SlurmSection:
     sbatch: list[str] = field(default_factory=list)       # extra sbatch options, e.g. "--mem=0"
 
 
-@dataclass
+@sectioned
 class SweepSpec:
-    sweep: SweepSection = field(default_factory=SweepSection)
-    sizes: SizesSection = field(default_factory=SizesSection)
-    budgets: BudgetsSection = field(default_factory=BudgetsSection)
-    lr: LrSection = field(default_factory=LrSection)
-    schedule: ScheduleSection = field(default_factory=ScheduleSection)
-    slurm: SlurmSection = field(default_factory=SlurmSection)
+    sweep: SweepSection
+    sizes: SizesSection
+    budgets: BudgetsSection
+    lr: LrSection
+    schedule: ScheduleSection
+    slurm: SlurmSection
 
     @property
     def budget_values(self) -> list[float]:
         return self.budgets.flops if self.sweep.design == "isoflop" else self.budgets.tokens
 
     def validate(self) -> "SweepSpec":
-        def bad(key: str, msg: str):
-            raise SweepSpecError(f"sweep spec '{key}': {msg}")
-
-        s, z, b = self.sweep, self.sizes, self.budgets
-        if s.design not in DESIGNS:
-            bad("sweep.design", f"must be one of {DESIGNS}, got {s.design!r}")
-        if not s.name or "/" in s.name:
-            bad("sweep.name", f"must be a non-empty name without '/', got {s.name!r}")
-        if s.data_parallel < 1:
-            bad("sweep.data_parallel", f"must be >= 1, got {s.data_parallel}")
-        if not s.variants:
-            bad("sweep.variants", 'needs at least one variant, e.g. ["mag", "transformer"]')
-        names = [parse_variant(v)[0] for v in s.variants]
-        if len(set(names)) != len(names):
-            bad("sweep.variants", f"names repeat: {names}")
-        if not z.d_model or any(d < 2 for d in z.d_model):
-            bad("sizes.d_model", f"needs one or more widths >= 2, got {z.d_model}")
-        if z.n_layers and len(z.n_layers) != len(z.d_model):
-            bad("sizes.n_layers", f"has {len(z.n_layers)} values for {len(z.d_model)} widths; give one per "
-                "d_model or leave it empty for the aspect rule")
-        if any(n < 1 for n in z.n_layers) or z.min_layers < 1 or z.max_layers < z.min_layers:
-            bad("sizes.n_layers", "layer counts must be >= 1 and min_layers <= max_layers")
-        if z.aspect <= 0 or z.head_dim < 2:
-            bad("sizes.aspect", "aspect must be > 0 and head_dim >= 2")
+        """Each section's range checks, then the checks across sections; the loader has checked
+        types and choices (Literal fields)."""
+        for section in (self.sweep, self.sizes, self.budgets, self.lr, self.schedule):
+            section.validate()
+        z = self.sizes
         shapes = [(d, self.n_layers(i)) for i, d in enumerate(z.d_model)]
         if len(set(shapes)) != len(shapes):
-            bad("sizes.d_model", f"two sizes have the same (d_model, n_layers): {shapes}")
-        for d in z.d_model:
-            if d % z.head_dim:
-                bad("sizes.head_dim", f"head_dim={z.head_dim} must divide every d_model (not {d})")
-        key = "budgets.flops" if s.design == "isoflop" else "budgets.tokens"
+            _bad("sizes.d_model", f"two sizes have the same (d_model, n_layers): {shapes}")
+        key = "budgets.flops" if self.sweep.design == "isoflop" else "budgets.tokens"
         vals = self.budget_values
         if not vals or any(not v > 0 for v in vals):
-            bad(key, f"design '{s.design}' needs one or more positive budgets in {key}, got {vals}")
+            _bad(key, f"design '{self.sweep.design}' needs one or more positive budgets in {key}, got {vals}")
         if len(set(vals)) != len(vals):
-            bad(key, f"budgets repeat: {vals}")
-        if b.min_steps < 1 or b.max_steps < b.min_steps:
-            bad("budgets.min_steps", "need 1 <= min_steps <= max_steps")
-        lr = self.lr
-        if lr.values and len(lr.values) != len(z.d_model):
-            bad("lr.values", f"has {len(lr.values)} values for {len(z.d_model)} sizes; give one per size")
-        if any(not v > 0 for v in lr.values) or not lr.base > 0 or lr.base_width < 1:
-            bad("lr.base", "learning rates and base_width must be > 0")
-        sc = self.schedule
-        if not 0 <= sc.warmup_fraction < 1:
-            bad("schedule.warmup_fraction", f"must be in [0, 1), got {sc.warmup_fraction}")
-        if min(sc.logs_per_run, sc.evals_per_run, sc.checkpoints_per_run) < 1:
-            bad("schedule.evals_per_run", "logs, evals and checkpoints per run must be >= 1")
+            _bad(key, f"budgets repeat: {vals}")
+        if self.lr.values and len(self.lr.values) != len(z.d_model):
+            _bad("lr.values", f"has {len(self.lr.values)} values for {len(z.d_model)} sizes; give one per size")
         return self
 
     def n_layers(self, i: int) -> int:
@@ -186,10 +197,10 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     mixers = [m.strip() for m in pattern.split(",")] if sep else [ALIASES.get(name, name)]
     for m in mixers:
         if m not in MIXERS:
-            raise SweepSpecError(f"sweep spec 'sweep.variants': {text!r} uses unknown mixer {m!r}; use one of "
-                                 f"{', '.join(MIXERS)}, 'transformer', or name=mixer,mixer")
+            _bad("sweep.variants", f"{text!r} uses unknown mixer {m!r}; use one of {', '.join(MIXERS)}, "
+                 "'transformer', or name=mixer,mixer")
     if not name or not name.replace("-", "").replace("_", "").isalnum():
-        raise SweepSpecError(f"sweep spec 'sweep.variants': {text!r} needs a plain name (letters, digits, - _)")
+        _bad("sweep.variants", f"{text!r} needs a plain name (letters, digits, - _)")
     return name, mixers
 
 

@@ -13,13 +13,15 @@ from __future__ import annotations
 import ctypes.util
 import os
 import sys
+import typing
 from pathlib import Path
 
+from titans_scale.config import Allocator
 from titans_scale.errors import ConfigError
 
 ENV_LIB = "TITANS_TCMALLOC"                     # a path to the library: the user's choice, used alone
 ENV_REEXEC = "TITANS_ALLOCATOR_REEXEC"          # set across our one re-exec: the preloaded path, or "-"
-CHOICES = ("auto", "tcmalloc", "glibc")         # train.allocator (validated in config.py)
+CHOICES = typing.get_args(Allocator)            # train.allocator's values (checked by the config loader)
 _KNOWN_PATHS = (
     "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",     # Debian, Ubuntu
     "/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4",
@@ -104,7 +106,7 @@ def _reexec_argv(argv: list[str]) -> list[str]:
     return [sys.executable, *flags, "-m", module, *argv]
 
 
-def ensure_allocator(choice: str, argv: list[str] | None) -> None:
+def ensure_allocator(choice: Allocator, argv: list[str] | None) -> None:
     """Make this CPU process run on tcmalloc as train.allocator (one of CHOICES, checked by the
     config) asks, re-executing the command
     (argv: its arguments after the program, sys.argv[1:]) once with LD_PRELOAD when needed.

@@ -44,17 +44,7 @@ class RecallMix:
         mix = cls(rows=round(d.recall_fraction * d.batch_size), task=d.recall_task, loss=d.recall_loss,
                   digits=d.recall_digits, haystack=d.recall_haystack,
                   corpus_loss=d.corpus_loss_fraction)
-        checks = [("recall_task", mix.task, ("mqar", "needle")), ("recall_loss", mix.loss, ("lm", "answers")),
-                  ("recall_haystack", mix.haystack, ("noise", "corpus"))]
-        for name, value, allowed in checks:
-            if value not in allowed:
-                raise ConfigError(f"data.{name}: {value!r} is not known; use {' or '.join(allowed)}")
-        if not 0.0 < mix.corpus_loss <= 1.0:
-            raise ConfigError(f"data.corpus_loss_fraction: must be in (0, 1], got {mix.corpus_loss!r}")
-        if not isinstance(mix.digits, int) or mix.digits < 0:
-            raise ConfigError(f"data.recall_digits: must be an integer >= 0 (0 = the task's default), "
-                              f"got {mix.digits!r}")
-        return mix
+        return mix              # its choices and ranges are checked by DataConfig
 
     def task_kwargs(self) -> dict:
         kw: dict = {"haystack": self.haystack}

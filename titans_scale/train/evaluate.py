@@ -1,4 +1,4 @@
-"""Evaluation: held-out loss / perplexity and recall accuracy (needle, MQAR), fed in pieces.
+"""Evaluation: perplexity, and the predictions recall accuracy is scored on (titans_scale/eval/).
 
 Recall samples are streamed through the model `piece` tokens at a time with the state passed
 on, so the sequence length is bounded by time, not by activation memory.
@@ -7,12 +7,11 @@ on, so the sequence length is bounded by time, not by activation memory.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from titans_scale.data.synthetic import RecallSample, mqar_sample, needle_sample
+from titans_scale.data.synthetic import RecallSample
 
 
 @torch.no_grad()
@@ -36,33 +35,6 @@ def _detach(state):
         if hasattr(st, "detach"):
             state.layers[i] = st.detach()
     return state
-
-
-@dataclass
-class RecallResult:
-    task: str
-    length: int
-    depth: float | None
-    correct: int
-    total: int
-
-    @property
-    def accuracy(self) -> float:
-        return self.correct / max(1, self.total)
-
-
-def recall_accuracy(model, tokenizer, task: str, length: int, n: int, seed: int = 0,
-                    depth: float | None = None, piece: int = 2048, **kw) -> RecallResult:
-    correct = 0
-    for i in range(n):
-        if task == "needle":
-            s = needle_sample(tokenizer, length, seed + i, depth=depth, **kw)
-        else:
-            s = mqar_sample(tokenizer, length, seed + i, **kw)
-        preds = stream_predictions(model, s, piece)
-        # a sample is right when every token of every answer is right
-        correct += int(np.array_equal(preds, s.answer_tokens))
-    return RecallResult(task, length, depth, correct, n)
 
 
 def perplexity(loss: float) -> float:
