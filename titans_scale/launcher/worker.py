@@ -36,8 +36,9 @@ def link_rank_logs(env=os.environ) -> Path | None:
     return link
 
 
-def main() -> None:
-    """The banner and the log link, then `titans-scale <sys.argv[1:]>`, which ends in sys.exit."""
+def main(argv: list[str] | None = None) -> None:
+    """The banner and the log link, then the program `titans-scale <argv>` (default: this
+    process's own arguments, sys.argv[1:]), which ends in sys.exit."""
     import torch                                   # reads OMP_NUM_THREADS, as the trainer's torch will
 
     from titans_scale.train.allocator import ENV_REEXEC
@@ -51,6 +52,8 @@ def main() -> None:
             link_rank_logs(env)
         except OSError as e:                       # logs are a convenience: never fail a run for them
             print(f"titans-scale worker: could not link the rank log ({e})", file=sys.stderr)
+    if argv is not None:
+        sys.argv[1:] = argv                        # the program's command line (train.allocator may re-run it)
     runpy.run_module("titans_scale.cli", run_name="__main__")
 
 
