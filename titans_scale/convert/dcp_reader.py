@@ -4,7 +4,7 @@ Handles the trainer's checkpoints (<run>/checkpoints/step_N/{model_optim/, train
 manifest.json}) and bare DCP folders written by one process or by several ranks: DCP's
 metadata lists every stored piece (chunk offsets and sizes) of every tensor, so the full
 tensor is assembled from the pieces, one tensor at a time, without a process group.
-Everything is read through safe_load (no arbitrary unpickling). A layout that stores other
+Everything is read through io/safe_load.py (no arbitrary unpickling). A layout that stores other
 key names (another engine's parallel checkpoint) passes key_map: its key -> ours, or None
 to skip the key.
 """

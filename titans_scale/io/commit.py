@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from titans_scale.errors import CheckpointError
-from titans_scale.io.atomic import staged_dir, write_text_atomic
+from titans_scale.io.atomic import staged_dir, staging_path, write_text_atomic
 from titans_scale.io.manifest import write_manifest
 
 CHECKPOINTS = "checkpoints"      # <run_dir>/checkpoints/step_*/
@@ -63,10 +63,15 @@ def commit_checkpoint(ckpt_dir: Path, name: str, keep: int) -> None:
 
 
 @contextmanager
-def staged_checkpoint(ckpt_dir: Path, step: int, keep: int):
+def staged_checkpoint(ckpt_dir: Path, step: int, keep: int, owner: bool = True):
     """Yields the temporary folder of checkpoint `step`; when the block returns, the whole
-    commit above runs. If the block raises, nothing of this checkpoint remains."""
+    commit above runs. If the block raises, nothing of this checkpoint remains.
+    owner=False (the other ranks of a distributed save): the folder only, which rank 0 (the
+    owner) creates and commits; the caller orders them with barriers."""
     name = step_folder(step)
+    if not owner:
+        yield staging_path(ckpt_dir / name)
+        return
     with staged_dir(ckpt_dir / name) as tmp:
         yield tmp
         write_manifest(tmp)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -32,7 +31,6 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from titans_scale.errors import CheckpointError
-from titans_scale.io.atomic import staging_path
 from titans_scale.io.commit import checkpoint_dir, latest_checkpoint, staged_checkpoint, step_folder
 from titans_scale.io.manifest import verify_manifest
 from titans_scale.parallel.gather import _unwrap
@@ -105,9 +103,8 @@ class ShardedCheckpointer:
     def save(self, step: int, trainer_state: dict) -> Path:
         rank = dist.get_rank()
         final = self.dir / step_folder(step)
-        # rank 0 stages and commits the folder; the others write their shards into it
-        stage = staged_checkpoint(self.dir, step, self.keep) if rank == 0 else nullcontext(staging_path(final))
-        with stage as tmp:
+        # rank 0 creates and commits the folder; every rank writes its shards into it
+        with staged_checkpoint(self.dir, step, self.keep, owner=rank == 0) as tmp:
             if rank == 0:
                 (tmp / "model_optim").mkdir()      # dist_checkpointing wants it to exist
             dist.barrier()
