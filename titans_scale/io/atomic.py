@@ -77,9 +77,10 @@ def staging_path(final: Path, tag: str = "tmp") -> Path:
 @contextmanager
 def staged_dir(final: str | Path, *, tag: str = "tmp"):
     """Yields an empty folder (staging_path(final, tag)); when the block returns, every file in
-    it is fsynced and it is renamed to `final`. An existing `final` is first moved aside to `.<name>.old.<tag>` and removed after, so
-    the name never holds a partial folder. If the block raises, the temporary folder is removed
-    (and a parent folder this call created), and `final` is untouched."""
+    it is fsynced and it is renamed to `final`. An existing `final` is first moved aside to
+    `.<name>.old.<tag>` and removed after, so the name never holds a partial folder. If the
+    block raises, the temporary folder is removed (and a parent folder this call created), and
+    `final` is untouched."""
     final = Path(final)
     made_parent = not final.parent.exists()
     final.parent.mkdir(parents=True, exist_ok=True)

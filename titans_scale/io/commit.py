@@ -79,4 +79,5 @@ def staged_checkpoint(ckpt_dir: Path, step: int, keep: int, owner: bool = True):
     commit_checkpoint(ckpt_dir, name, keep)
 
 
-__all__ = ["CHECKPOINTS", "LATEST", "checkpoint_dir", "commit_checkpoint", "kill_point", "latest_checkpoint", "staged_checkpoint", "step_folder"]
+__all__ = ["CHECKPOINTS", "LATEST", "checkpoint_dir", "commit_checkpoint", "kill_point", "latest_checkpoint",
+           "staged_checkpoint", "step_folder"]
