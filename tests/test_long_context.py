@@ -113,7 +113,7 @@ def test_memory_learns_recall_beyond_attention(trained, capsys):
 def test_long_eval_is_streamed_in_bounded_memory(trained):
     """A trained model read 32k-token haystacks in 1k pieces: the state it carries is the same
     size at 1k and 32k tokens, no call sees more than a piece, and accuracy is reported per depth."""
-    from titans_scale.cli import load_trained
+    from titans_scale.train.load import load_trained
 
     _, model = load_trained(str(trained / "lmm"))
     tok = ByteTokenizer()

@@ -19,7 +19,6 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
 from titans_scale.errors import TitansError
 
@@ -60,28 +59,6 @@ def _cmd_train(args) -> int:
     return 0
 
 
-def load_trained(run_dir: str, overrides=()):
-    """The model of a run folder: its saved config and the newest checkpoint's weights."""
-    from titans_scale.config import load_run_config
-    from titans_scale.errors import CheckpointError
-    from titans_scale.model import TitansLM
-    from titans_scale.precision.apply import Precision
-    from titans_scale.train.checkpoint import CheckpointManager
-
-    cfg_path = Path(run_dir) / "config.toml"
-    if not cfg_path.is_file():
-        raise CheckpointError(f"--run-dir '{run_dir}' has no config.toml: is it a training run folder?")
-    cfg = load_run_config(str(cfg_path), overrides)
-    model = TitansLM(cfg.model)
-    model.precision = Precision(model, cfg)          # FP8 layers (and their scales) before loading
-    ckpt = CheckpointManager(run_dir)
-    folder = ckpt.latest()
-    if folder is None:
-        raise CheckpointError(f"--run-dir '{run_dir}' has no checkpoint yet; train first")
-    ckpt.load_model(folder, model)
-    return cfg, model.eval()
-
-
 def _cmd_eval(args) -> int:
     from titans_scale.eval.command import cmd_eval       # suites, sweeps, JSON + heat maps
     return cmd_eval(args)
@@ -92,6 +69,7 @@ def _cmd_generate(args) -> int:
 
     from titans_scale.data.tokenizer import load_tokenizer
     from titans_scale.train.generate import generate
+    from titans_scale.train.load import load_trained
 
     cfg, model = load_trained(args.run_dir, args.overrides)
     tok = load_tokenizer(cfg.data.tokenizer)

@@ -25,4 +25,18 @@ class CheckpointError(TitansError):
     """A checkpoint is missing, damaged, or does not match the model/run being resumed."""
 
 
-__all__ = ["TitansError", "ConfigError", "DataError", "CheckpointError"]
+class ConvertError(CheckpointError, ValueError):
+    """A checkpoint file cannot be read (missing, truncated, corrupt) or a conversion cannot be
+    done (bad input, bad argument): one line naming the file, shard, tensor or option at fault."""
+
+
+class UnsafeCheckpointError(ConvertError):
+    """A checkpoint file carries a pickled object other than tensors and plain values."""
+
+
+class IncompatibleError(ConvertError):
+    """Another implementation's configuration does not compute the same function as ours."""
+
+
+__all__ = ["TitansError", "ConfigError", "DataError", "CheckpointError", "ConvertError", "UnsafeCheckpointError",
+           "IncompatibleError"]

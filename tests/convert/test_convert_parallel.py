@@ -217,7 +217,7 @@ class _Payload:
 
 
 def test_pickled_object_in_common_pt_is_refused(parallel_run, tmp_path):
-    from titans_scale.train.checkpoint import write_manifest
+    from titans_scale.io.manifest import write_manifest
     step = _copy_step(parallel_run, tmp_path)
     torch.save({"trainer": _Payload(tmp_path / "ran")}, step / "model_optim" / "common.pt")
     write_manifest(step)                                             # checksums rewritten too

@@ -16,7 +16,7 @@ from torch.distributed.checkpoint import FileSystemReader
 
 from tests.convert.common import leftovers, make_run
 from titans_scale import convert
-from titans_scale.train.checkpoint import write_manifest
+from titans_scale.io.manifest import write_manifest
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 

@@ -142,7 +142,7 @@ def test_eval_reports_perplexity_and_needle_accuracy(reference_run):
 
 
 def test_generate_in_pieces_equals_one_piece(reference_run):
-    from titans_scale.cli import load_trained
+    from titans_scale.train.load import load_trained
     from titans_scale.train.generate import generate
     _, model = load_trained(str(reference_run))
     prompt = torch.randint(0, 256, (1, 45))

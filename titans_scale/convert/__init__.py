@@ -10,15 +10,15 @@
 
 Every conversion streams tensor by tensor, verifies checksums at the end, and writes into a
 temporary folder renamed into place only when complete. Nothing is unpickled beyond tensors
-and plain values (safe_load). docs/convert.md has the formats and the titans-pytorch mapping.
+and plain values (titans_scale.io.safe_load). docs/convert.md has the formats and the titans-pytorch mapping.
 """
 
 from __future__ import annotations
 
 import importlib
 
-# name -> module; imported on first use, so `titans-scale --help` (which builds the convert
-# parser) does not import torch.
+# name -> module relative to this package ("..": titans_scale's); imported on first use, so
+# `titans-scale --help` (which builds the convert parser) does not import torch.
 _API = {
     "open_checkpoint": "layouts", "register_layout": "layouts",
     "CheckpointReader": "reader", "TensorInfo": "reader", "DcpReader": "dcp_reader",
@@ -26,15 +26,15 @@ _API = {
     "ConsolidatedReader": "consolidated", "write_consolidated": "consolidated",
     "verify_consolidated": "consolidated", "FORMAT": "consolidated", "FORMAT_VERSION": "consolidated",
     "write_training_checkpoint": "training", "export_inference": "export", "load_model": "export",
-    "SafeFileSystemReader": "safe_load", "SafeLoadPlanner": "safe_load", "safe_torch_load": "safe_load",
-    "ConvertError": "errors", "UnsafeCheckpointError": "errors", "IncompatibleError": "errors",
+    "SafeFileSystemReader": ".io.safe_load", "SafeLoadPlanner": ".io.safe_load", "safe_torch_load": ".io.safe_load",
+    "ConvertError": ".errors", "UnsafeCheckpointError": ".errors", "IncompatibleError": ".errors",
     "import_memory": "titans_pytorch", "export_memory": "titans_pytorch", "TitansPytorchOptions": "titans_pytorch",
 }
 
 
 def __getattr__(name: str):
     if name in _API:
-        return getattr(importlib.import_module(f"{__name__}.{_API[name]}"), name)
+        return getattr(importlib.import_module(f".{_API[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -1,29 +1,15 @@
-"""Write a conversion's output folder atomically: build it beside the destination under a
-temporary name, rename it into place only when complete. A failure (corrupt input, a crash,
+"""A conversion's output folder is written with io.atomic.staged_dir: built beside the destination
+under a temporary name, renamed into place only when complete. A failure (corrupt input, a crash,
 Ctrl-C) leaves nothing at the destination."""
 
 from __future__ import annotations
 
 import os
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import ConvertError
-
-
-def fsync_tree(folder: Path) -> None:
-    for p in sorted(folder.rglob("*"), reverse=True):
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+from titans_scale.errors import ConvertError
+from titans_scale.io.atomic import staged_dir
 
 
 @contextmanager
@@ -32,29 +18,8 @@ def staged_output(out: str | Path, overwrite: bool = False):
     out = Path(out)
     if out.exists() and not overwrite:
         raise ConvertError(f"destination '{out}' already exists; choose a new path or pass --overwrite")
-    made_parent = not out.parent.exists()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.convert-tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with staged_dir(out, tag=f"convert-tmp-{os.getpid()}") as tmp:
         yield tmp
-        fsync_tree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if made_parent:
-            try:
-                out.parent.rmdir()
-            except OSError:
-                pass
-        raise
-    if out.exists():
-        old = out.parent / f".{out.name}.convert-old-{os.getpid()}"
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
 
 
-__all__ = ["staged_output", "fsync_tree"]
+__all__ = ["staged_output"]

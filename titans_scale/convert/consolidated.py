@@ -25,12 +25,13 @@ import torch
 
 from titans_scale.config import RunConfig
 from titans_scale.config_io import config_from_dict, config_to_dict
+from titans_scale.errors import ConvertError
+from titans_scale.io.atomic import file_sha256
+from titans_scale.io.safe_load import safe_torch_load
 from titans_scale.model import ModelConfig
 
 from .atomic import staged_output
-from .errors import ConvertError
 from .reader import GROUP_BYTES, MODEL, OPTIM, CheckpointReader, check_model_tensors, stream_tensors
-from .safe_load import safe_torch_load
 from .safetensors_io import DTYPES, SafetensorsFile, SafetensorsWriter, TensorInfo, dtype_name, sha256_tensor
 
 FORMAT = "titans-scale-consolidated"
@@ -212,7 +213,6 @@ def write_consolidated(reader: CheckpointReader, out: str | Path, *, kind: str |
             src = reader.trainer_state_path()
             safe_torch_load(src)                          # refuse a pickled payload before copying it
             shutil.copyfile(src, tmp / TRAINER_FILE)
-        from titans_scale.train.checkpoint import file_sha256  # noqa: PLC0415  (train imports convert)
         config["files"] = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
                            for p in sorted(tmp.iterdir()) if p.is_file()}
         config["tensors"] = table

@@ -4,7 +4,7 @@ Handles the trainer's checkpoints (<run>/checkpoints/step_N/{model_optim/, train
 manifest.json}) and bare DCP folders written by one process or by several ranks: DCP's
 metadata lists every stored piece (chunk offsets and sizes) of every tensor, so the full
 tensor is assembled from the pieces, one tensor at a time, without a process group.
-Everything is read through safe_load (no arbitrary unpickling). A layout that stores other
+Everything is read through io/safe_load.py (no arbitrary unpickling). A layout that stores other
 key names (another engine's parallel checkpoint) passes key_map: its key -> ours, or None
 to skip the key.
 """
@@ -22,13 +22,14 @@ from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex, TensorStorageMetadata
 
 from titans_scale.config import RunConfig, load_run_config
-from titans_scale.errors import CheckpointError
+from titans_scale.errors import CheckpointError, ConvertError
+from titans_scale.io.commit import checkpoint_dir, latest_checkpoint
+from titans_scale.io.manifest import verify_manifest
+from titans_scale.io.safe_load import SafeFileSystemReader, SafeLoadPlanner, dcp_errors, safe_torch_load
 from titans_scale.model import ModelConfig
 from titans_scale.precision.fp8_emulation import is_fp8_meta_key
 
-from .errors import ConvertError
 from .reader import MODEL, OPTIM, CheckpointReader, check_model_tensors
-from .safe_load import SafeFileSystemReader, SafeLoadPlanner, dcp_errors, safe_torch_load
 from .safetensors_io import TensorInfo
 
 
@@ -83,7 +84,6 @@ class DcpReader(CheckpointReader):
         self.dcp_dir = p / "model_optim" if self.ckpt_dir else p
         if self.ckpt_dir is not None:
             self.layout = "training"
-            from titans_scale.train.checkpoint import verify_manifest  # noqa: PLC0415
             try:
                 verify_manifest(self.ckpt_dir)                            # sizes + sha256 of every file
             except CheckpointError as e:
@@ -206,9 +206,8 @@ class DcpReader(CheckpointReader):
 
 def resolve_run_dir(path: Path) -> Path:
     """A run folder means its newest complete checkpoint (the `latest` pointer)."""
-    from titans_scale.train.checkpoint import CheckpointManager  # noqa: PLC0415
     try:
-        folder = CheckpointManager(path).latest()
+        folder = latest_checkpoint(checkpoint_dir(path))
     except CheckpointError as e:
         raise ConvertError(str(e)) from None
     if folder is None:

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
+from titans_scale.errors import ConvertError
 from titans_scale.model import TitansLM
 
 from .consolidated import write_consolidated
-from .errors import ConvertError
 from .layouts import open_checkpoint
 from .reader import MODEL, CheckpointReader, stream_tensors
 

@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Callable
 
 from titans_scale.config import RunConfig
+from titans_scale.errors import ConvertError
+from titans_scale.io.commit import checkpoint_dir
 
 from .consolidated import ConsolidatedReader, is_consolidated
 from .dcp_reader import DcpReader, resolve_run_dir
 from .parallel_reader import ParallelReader, is_parallel_checkpoint
-from .errors import ConvertError
 from .reader import CheckpointReader
 
 
@@ -35,7 +36,7 @@ _BUILTIN = [
     Layout("consolidated", is_consolidated, lambda p, run: ConsolidatedReader(p)),
     # before run-dir / training / dcp: a parallel step folder also has model_optim/ and .metadata
     Layout("megatron", is_parallel_checkpoint, lambda p, run: ParallelReader(p, run)),
-    Layout("run-dir", lambda p: (p / "checkpoints").is_dir() and (p / "config.toml").is_file(),
+    Layout("run-dir", lambda p: checkpoint_dir(p).is_dir() and (p / "config.toml").is_file(),
            lambda p, run: DcpReader(resolve_run_dir(p), run)),
     Layout("training", lambda p: (p / "model_optim").is_dir(), lambda p, run: DcpReader(p, run)),
     Layout("dcp", lambda p: (p / ".metadata").is_file(), lambda p, run: DcpReader(p, run)),
@@ -64,7 +65,7 @@ def open_checkpoint(path: str | Path, run_config: RunConfig | None = None) -> Ch
     for layout in layouts():
         if layout.detect(p):
             return layout.open(p, run_config)
-    if (p / "checkpoints").is_dir():
+    if checkpoint_dir(p).is_dir():
         raise ConvertError(f"'{p}' looks like a run folder but has no config.toml; pass --config")
     raise ConvertError(f"'{p}' is not a checkpoint this version can read (known layouts: "
                        f"{', '.join(lay.name for lay in layouts())})")

@@ -1,7 +1,7 @@
 """Read the parallel trainer's checkpoints (megatron TP x PP x DP, parallel/checkpoint.py).
 
     <run>/checkpoints/step_N/layout.json        {"engine", "tp", "pp", "vpp", "dp", "format": "megatron-dist-checkpointing"}
-    <run>/checkpoints/step_N/manifest.json      sizes + sha256 of every file (train/checkpoint.py)
+    <run>/checkpoints/step_N/manifest.json      sizes + sha256 of every file (io/manifest.py)
     <run>/checkpoints/step_N/model_optim/       megatron dist_checkpointing, torch_dist backend:
         .metadata, __<rank>_<i>.distcp          a torch.distributed.checkpoint folder
         metadata.json                           {"sharded_backend": "torch_dist", ...}
@@ -32,11 +32,12 @@ from pathlib import Path
 import torch
 
 from titans_scale.config import RunConfig
+from titans_scale.errors import ConvertError
+from titans_scale.io.commit import checkpoint_dir
+from titans_scale.io.safe_load import allow_metadata_globals, safe_torch_load
 
 from .dcp_reader import DcpReader, _step_of, resolve_run_dir
-from .errors import ConvertError
 from .reader import MODEL
-from .safe_load import allow_metadata_globals, safe_torch_load
 from .safetensors_io import TensorInfo
 
 LAYOUT_FILE, MEGATRON_FORMAT = "layout.json", "megatron-dist-checkpointing"
@@ -66,7 +67,7 @@ def is_parallel_checkpoint(p: Path) -> bool:
     """A parallel step folder, its model_optim folder, or a run folder whose latest checkpoint is one."""
     if _is_step_folder(p) or _is_dist_ckpt_folder(p):
         return True
-    if (p / "checkpoints").is_dir() and (p / "config.toml").is_file():
+    if checkpoint_dir(p).is_dir() and (p / "config.toml").is_file():
         try:
             return _is_step_folder(resolve_run_dir(p))
         except ConvertError:
@@ -79,7 +80,7 @@ class ParallelReader(DcpReader):
 
     def __init__(self, path: str | Path, run_config: RunConfig | None = None):
         p = Path(path)
-        if not _is_step_folder(p) and (p / "checkpoints").is_dir():
+        if not _is_step_folder(p) and checkpoint_dir(p).is_dir():
             p = resolve_run_dir(p)
         if _is_dist_ckpt_folder(p) and _is_step_folder(p.parent):
             p = p.parent                                   # the model_optim folder of a step folder

@@ -22,9 +22,9 @@ from typing import Any
 import torch
 
 from titans_scale.config import RunConfig
+from titans_scale.errors import ConvertError
 from titans_scale.model import ModelConfig
 
-from .errors import ConvertError
 from .safetensors_io import TensorInfo
 
 MODEL, OPTIM = "model.", "optim."

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ConvertError
+from titans_scale.errors import ConvertError
 
 DTYPE_NAMES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",

@@ -36,9 +36,8 @@ from typing import Any
 
 import torch
 
+from titans_scale.errors import IncompatibleError
 from titans_scale.model import ModelConfig
-
-from .errors import IncompatibleError
 
 TESTED_VERSION = "0.5.5"
 EPS32 = torch.finfo(torch.float32).eps

@@ -35,11 +35,14 @@ from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, Wri
 
 from titans_scale.config import RunConfig
 from titans_scale.config_io import dump_toml
+from titans_scale.errors import ConvertError
+from titans_scale.io.commit import LATEST, checkpoint_dir, step_folder
+from titans_scale.io.manifest import write_manifest
+from titans_scale.io.safe_load import dcp_errors, safe_torch_load
 
 from .atomic import staged_output
-from .errors import ConvertError
+from .dcp_reader import DcpReader
 from .reader import MODEL, OPTIM, CheckpointReader, stream_tensors
-from .safe_load import dcp_errors, safe_torch_load
 from .safetensors_io import tensor_bytes
 
 BLOCK_BYTES = 8 << 20       # DCP row block and file size: bounds the memory of a conversion
@@ -168,9 +171,9 @@ def write_training_checkpoint(reader: CheckpointReader, out: str | Path, *, run_
     placeholders = {i.name: torch.empty(i.shape, dtype=i.dtype, device="meta") for i in infos}
     values = reader.values() if training else {}
     step = reader.step() or 0
-    name = f"step_{step:08d}"
+    name = step_folder(step)
     with staged_output(out, overwrite) as tmp:
-        ckpt = tmp / "checkpoints" / name
+        ckpt = checkpoint_dir(tmp) / name
         ckpt.mkdir(parents=True)
         planner = _LazySavePlanner(reader, block_bytes)
         with dcp_errors(f"writing '{ckpt / 'model_optim'}'"):
@@ -180,18 +183,16 @@ def write_training_checkpoint(reader: CheckpointReader, out: str | Path, *, run_
             src = reader.trainer_state_path()
             safe_torch_load(src)
             shutil.copyfile(src, ckpt / "trainer.pt")
-        from titans_scale.train.checkpoint import LATEST, write_manifest  # noqa: PLC0415
         write_manifest(ckpt)
         (tmp / "config.toml").write_text(dump_toml(run))
-        (tmp / "checkpoints" / LATEST).write_text(name)
+        (checkpoint_dir(tmp) / LATEST).write_text(name)
         _verify(ckpt, run, reader, planner, values)
-    return out / "checkpoints" / name
+    return checkpoint_dir(out) / name
 
 
 def _verify(ckpt: Path, run: RunConfig, source: CheckpointReader, planner: _LazySavePlanner, values: dict) -> None:
     """Re-read what was written: every tensor's sha256 equals the source's (the hash taken as
     it streamed, and the source's own table where it has one); values equal."""
-    from .dcp_reader import DcpReader  # noqa: PLC0415
     written = DcpReader(ckpt, run_config=run)
     want = {i.name for i in source.tensors() if i.name in planner.sha}
     got = {i.name for i in written.tensors()}

@@ -27,6 +27,7 @@ from titans_scale.data.corpus import (DEFAULT_MAX_BYTES, DEFAULT_VAL_FRACTION, e
                                       embedded_fingerprint, split_of)
 from titans_scale.data.tokenizer import Tokenizer, check_fingerprint
 from titans_scale.errors import DataError
+from titans_scale.io.atomic import write_json_atomic
 
 FORMAT = "titans-scale-shards-v1"
 INDEX_NAME = "index.json"
@@ -276,10 +277,7 @@ def _move_tail(directory: Path, dtype: np.dtype, src: SplitInfo, dst_split: str,
 
 
 def _write_index(idx: ShardIndex) -> None:
-    path = idx.directory / INDEX_NAME
-    tmp = path.with_name(INDEX_NAME + ".tmp")
-    tmp.write_text(json.dumps(idx.to_json(), indent=1), encoding="utf-8")
-    os.replace(tmp, path)
+    write_json_atomic(idx.directory / INDEX_NAME, idx.to_json())
 
 
 def prepare_corpus(out_dir: str | Path, tokenizer: Tokenizer, sources: str | Path | Iterable[str | Path] = "embedded",

@@ -107,7 +107,7 @@ def run_eval(cfg, model, args) -> dict:
 
 
 def cmd_eval(args) -> int:
-    from titans_scale.cli import load_trained
+    from titans_scale.train.load import load_trained
 
     cfg, model = load_trained(args.run_dir, args.overrides)
     print(json.dumps(run_eval(cfg, model, args)))

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from titans_scale.errors import ConfigError
+from titans_scale.io.atomic import write_text_atomic
 
 
 # ------------------------------------------------------------------------------ launch
@@ -142,10 +143,7 @@ def cmd_slurm_submit(args) -> int:
     for p in sweep:
         Path(p.run_dir).mkdir(parents=True, exist_ok=True)
     script_path = slurm_dir / "job.sbatch"
-    tmp = script_path.with_suffix(".sbatch.tmp")
-    tmp.write_text(script)
-    tmp.chmod(0o755)
-    tmp.replace(script_path)
+    write_text_atomic(script_path, script, chmod=0o755)
     job_id = submit(str(script_path))
     log = job.output.replace("%%", "%").replace("%j", job_id).replace("%A", job_id)
     print(json.dumps({"job_id": job_id, "script": str(script_path), "log": log,

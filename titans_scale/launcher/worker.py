@@ -1,6 +1,7 @@
 """The per-rank entry torchrun starts: `python -m titans_scale.launcher.worker train --config X ...`.
 
-It runs exactly `titans-scale train` (titans_scale.cli.main) in this process, after two things
+It runs exactly `titans-scale train` (the module titans_scale.cli, run as the program with runpy:
+the CLI sits above the launcher, so the launcher never imports it) in this process, after two things
 only a rank can do: say which rank it is (first line of its log), and link its log folder under
 its global rank. torchrun writes each rank's output to
 <log_dir>/<run_id>_<random>/attempt_<n>/<local_rank>/{stdout,stderr}.log, named by local rank in
@@ -11,6 +12,7 @@ Uncaught exceptions are recorded (torchrun's error.json), so torchrun names the 
 from __future__ import annotations
 
 import os
+import runpy
 import socket
 import sys
 from pathlib import Path
@@ -34,7 +36,9 @@ def link_rank_logs(env=os.environ) -> Path | None:
     return link
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> None:
+    """The banner and the log link, then the program `titans-scale <argv>` (default: this
+    process's own arguments, sys.argv[1:]), which ends in sys.exit."""
     import torch                                   # reads OMP_NUM_THREADS, as the trainer's torch will
 
     from titans_scale.train.allocator import ENV_REEXEC
@@ -48,8 +52,9 @@ def main(argv: list[str] | None = None) -> int:
             link_rank_logs(env)
         except OSError as e:                       # logs are a convenience: never fail a run for them
             print(f"titans-scale worker: could not link the rank log ({e})", file=sys.stderr)
-    from titans_scale.cli import main as cli_main
-    return cli_main(argv)
+    if argv is not None:
+        sys.argv[1:] = argv                        # the program's command line (train.allocator may re-run it)
+    runpy.run_module("titans_scale.cli", run_name="__main__")
 
 
 if __name__ == "__main__":

@@ -14,9 +14,9 @@ of the optimizer state per DP rank); it resumes in the same layout only, and a d
 layout is refused with a one-line error (DeepSpeed's universal-checkpoint conversion is the
 way to change it).
 
-Both write into ``<run_dir>/checkpoints/.step_N.tmp`` and move into place atomically with a
-manifest of checksums (train/checkpoint.py), exactly like single-process checkpoints; the
-``latest`` pointer moves last. The trainer state (step, data position) travels as the common
+Both write into ``<run_dir>/checkpoints/.step_N.tmp``; after a barrier rank 0 commits it
+(io/commit.py: a manifest of checksums, rename into place, then the ``latest`` pointer), exactly
+like single-process checkpoints. The trainer state (step, data position) travels as the common
 state of the checkpoint.
 """
 
@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -33,10 +31,11 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from titans_scale.errors import CheckpointError
+from titans_scale.io.commit import checkpoint_dir, latest_checkpoint, staged_checkpoint, step_folder
+from titans_scale.io.manifest import verify_manifest
 from titans_scale.parallel.gather import _unwrap
 from titans_scale.parallel.layout import Layout
 from titans_scale.precision.fp8_emulation import is_fp8_meta_key
-from titans_scale.train.checkpoint import LATEST, _fsync_dir, latest_checkpoint, verify_manifest, write_manifest
 
 __all__ = ["ShardedCheckpointer", "model_sharded_state_dict"]
 
@@ -93,7 +92,7 @@ def _params(model_sd: dict) -> dict:
 
 class ShardedCheckpointer:
     def __init__(self, run_dir: str | Path, engine, layout: Layout, keep: int = 2):
-        self.dir = Path(run_dir) / "checkpoints"
+        self.dir = checkpoint_dir(run_dir)
         self.engine, self.layout, self.keep = engine, layout, keep
 
     # -- paths ------------------------------------------------------------------------------
@@ -103,30 +102,19 @@ class ShardedCheckpointer:
     # -- save -------------------------------------------------------------------------------
     def save(self, step: int, trainer_state: dict) -> Path:
         rank = dist.get_rank()
-        name = f"step_{step:08d}"
-        final, tmp = self.dir / name, self.dir / f".{name}.tmp"
-        if rank == 0:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            (tmp / "model_optim").mkdir(parents=True)      # dist_checkpointing wants it to exist
-        dist.barrier()
-        if self.engine.name == "megatron":
-            self._save_megatron(tmp / "model_optim", trainer_state)
-        else:
-            self._save_deepspeed(tmp / "model_optim", trainer_state)
-        dist.barrier()
-        if rank == 0:
-            (tmp / LAYOUT_FILE).write_text(json.dumps(self._layout_record(), indent=1))
-            write_manifest(tmp)
-            _fsync_dir(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            pointer = self.dir / f".{LATEST}.tmp"
-            pointer.write_text(name)
-            os.replace(pointer, self.dir / LATEST)
-            _fsync_dir(self.dir)
-            self._prune(name)
+        final = self.dir / step_folder(step)
+        # rank 0 creates and commits the folder; every rank writes its shards into it
+        with staged_checkpoint(self.dir, step, self.keep, owner=rank == 0) as tmp:
+            if rank == 0:
+                (tmp / "model_optim").mkdir()      # dist_checkpointing wants it to exist
+            dist.barrier()
+            if self.engine.name == "megatron":
+                self._save_megatron(tmp / "model_optim", trainer_state)
+            else:
+                self._save_deepspeed(tmp / "model_optim", trainer_state)
+            dist.barrier()
+            if rank == 0:
+                (tmp / LAYOUT_FILE).write_text(json.dumps(self._layout_record(), indent=1))
         dist.barrier()
         return final
 
@@ -147,14 +135,6 @@ class ShardedCheckpointer:
     def _save_deepspeed(self, folder: Path, trainer_state: dict) -> None:
         self.engine.engine.save_checkpoint(str(folder), tag="state", client_state={"trainer": trainer_state},
                                            save_latest=False)
-
-    def _prune(self, keep_name: str) -> None:
-        done = sorted(p for p in self.dir.glob("step_*") if p.is_dir())
-        for p in done[:-self.keep]:
-            if p.name != keep_name:
-                shutil.rmtree(p, ignore_errors=True)
-        for p in self.dir.glob(".step_*.tmp"):
-            shutil.rmtree(p, ignore_errors=True)
 
     # -- load -------------------------------------------------------------------------------
     def load(self, folder: Path) -> dict:

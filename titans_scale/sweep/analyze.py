@@ -24,6 +24,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
+from titans_scale.io.atomic import write_json_atomic
 from titans_scale.sweep.collect import RESULTS_FILE, loss_curve, read_results
 from titans_scale.sweep.fit import ChinchillaFit, FitInputError, fit_chinchilla
 from titans_scale.sweep.isoflop import BudgetFit, IsoFlopFit, Run, fit_isoflop
@@ -139,7 +140,7 @@ def fit_sweep(sweep_dir: str | Path, loss: str = "val_loss", bootstrap: int = 20
             for name, f in (("approach3", f3), ("approach2", f2)) if f is not None}
         out["variants"][variant] = res
     out = _clean(out)
-    (sweep_dir / FIT_FILE).write_text(json.dumps(out, indent=1), encoding="utf-8")
+    write_json_atomic(sweep_dir / FIT_FILE, out)
     return out
 
 

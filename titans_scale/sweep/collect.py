@@ -12,6 +12,7 @@ import csv
 import math
 from pathlib import Path
 
+from titans_scale.io.atomic import atomic_file
 from titans_scale.sweep.plan import Plan, Point, load_plan
 from titans_scale.sweep.run import point_status
 from titans_scale.train.metrics import read_metrics
@@ -55,12 +56,10 @@ def collect(sweep_dir: str | Path, plan: Plan | None = None) -> tuple[Path, list
     plan = plan or load_plan(sweep_dir)
     rows = [point_row(sweep_dir, p) for p in plan.points]
     path = sweep_dir / RESULTS_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic_file(path, newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
         w.writerows(rows)
-    tmp.replace(path)
     return path, rows
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from titans_scale.config import RunConfig, load_run_config
 from titans_scale.config_io import dump_toml, save_config
 from titans_scale.errors import ConfigError
 from titans_scale.flops import model_flops_per_token, param_count
+from titans_scale.io.atomic import write_text_atomic
 from titans_scale.sweep.spec import SweepSpec, SweepSpecError, parse_variant
 
 PLAN_FILE = "plan.json"
@@ -151,12 +151,6 @@ def plan_points(spec: SweepSpec, base: RunConfig | None = None) -> Plan:
     return Plan(spec.sweep.name, spec.sweep.design, tps, base.data.seq_len, points, spec.sweep.data_parallel)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_plan(spec: SweepSpec, force: bool = False) -> tuple[Path, Plan]:
     """Plan the sweep and write it into spec.sweep.out_dir; returns (folder, plan).
     Re-planning a folder with the same plan is a no-op; a different plan needs force=True."""
@@ -176,8 +170,8 @@ def write_plan(spec: SweepSpec, force: bool = False) -> tuple[Path, Plan]:
         path = out / p.config
         if not path.is_file() or path.read_text(encoding="utf-8") != dump_toml(cfg):
             save_config(cfg, path)
-    _write_atomic(out / "spec.toml", dump_toml(spec))
-    _write_atomic(old, new_json)
+    write_text_atomic(out / "spec.toml", dump_toml(spec))
+    write_text_atomic(old, new_json)
     return out, plan
 
 

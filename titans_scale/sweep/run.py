@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from titans_scale.errors import ConfigError, TitansError
+from titans_scale.io.atomic import write_json_atomic, write_text_atomic
 from titans_scale.sweep.plan import PER_POINT_KEYS, Plan, Point, load_plan
 from titans_scale.sweep.spec import SlurmSection
 from titans_scale.train.metrics import read_metrics
@@ -50,12 +51,6 @@ def point_status(sweep_dir: Path, p: Point) -> str:
     return "started" if (run / "metrics.jsonl").is_file() else "pending"
 
 
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def run_point(sweep_dir: Path, p: Point) -> str:
     """Train one point (resuming its checkpoint). Returns 'done', 'skipped' or 'preempted';
     raises on a failed run after recording it in the run folder."""
@@ -80,14 +75,14 @@ def run_point(sweep_dir: Path, p: Point) -> str:
         last = trainer.run()
     except (TitansError, ValueError, RuntimeError, FloatingPointError) as e:
         run.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(run / FAILED_FILE, {"error": f"{type(e).__name__}: {e}"})
+        write_json_atomic(run / FAILED_FILE, {"error": f"{type(e).__name__}: {e}"})
         raise SweepRunError(f"point {p.name} failed: {e}") from e
     if last.get("preempted"):
         return "preempted"
     if trainer.step < cfg.train.steps:
         raise SweepRunError(f"point {p.name} stopped at step {trainer.step} of {cfg.train.steps}")
-    _write_json_atomic(run / DONE_FILE, {"step": trainer.step, "config_hash": config_hash(sweep_dir, p),
-                                         **{k: v for k, v in last.items() if isinstance(v, (int, float))}})
+    write_json_atomic(run / DONE_FILE, {"step": trainer.step, "config_hash": config_hash(sweep_dir, p),
+                                        **{k: v for k, v in last.items() if isinstance(v, (int, float))}})
     return "done"
 
 
@@ -223,15 +218,12 @@ def submit_slurm(sweep_dir: str | Path, slurm: SlurmSection, *, variants: list[s
     folder = sweep_dir / "slurm"
     folder.mkdir(parents=True, exist_ok=True)
     script = folder / "array.sbatch"
-    tmp = script.with_name(script.name + ".tmp")
-    tmp.write_text(render_sbatch(job), encoding="utf-8")
-    tmp.chmod(0o755)
-    tmp.replace(script)
+    write_text_atomic(script, render_sbatch(job), chmod=0o755)
     if dry_run:
         return script, None
     for p in job.sweep:
         Path(p.run_dir).mkdir(parents=True, exist_ok=True)
     job_id = submit(str(script))
-    _write_json_atomic(folder / "submitted.json", {"job_id": job_id, "script": str(script),
-                                                   "array_task_to_point": [p.name for p in todo]})
+    write_json_atomic(folder / "submitted.json", {"job_id": job_id, "script": str(script),
+                                                  "array_task_to_point": [p.name for p in todo]})
     return script, job_id

@@ -13,7 +13,8 @@ Use both wherever a checkpoint is read:
 
     dcp.load(state, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner())
 
-Anything else is refused with UnsafeCheckpointError naming the file and the object.
+Anything else is refused with UnsafeCheckpointError naming the file and the object; a missing,
+truncated or corrupt file with ConvertError (titans_scale/errors.py), one line each.
 SafeFileSystemReader also hands a stored tensor that is the whole requested tensor straight to
 a planner that accepts it (`adopt_tensor`), so streaming conversions hold each tensor once.
 """
@@ -36,7 +37,7 @@ from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.futures import Future
 
-from .errors import ConvertError, UnsafeCheckpointError
+from titans_scale.errors import ConvertError, UnsafeCheckpointError
 
 # (module, name) pairs a DCP `.metadata` pickle may name. Layouts that store more (another
 # engine's planner data) add theirs with allow_metadata_globals().
