@@ -1,14 +1,17 @@
 """One model chunk of a parallel TitansLM: what a pipeline (virtual) stage runs on one rank.
 
-A chunk holds, in sequence-first layout [L(/tp), B, D]:
+A chunk is a pruned TitansLM (the model's own forward, blocks and names) with its layers
+swapped for tensor-parallel ones, in sequence-first layout [L(/tp), B, D] (megatron's p2p
+buffers and sequence-parallel layers are sequence-first):
 * the first stage: the vocabulary-parallel embedding (megatron's VocabParallelEmbedding; with
-  sequence parallelism it reduce-scatters straight into sequence shards);
-* its blocks (tensor_parallel.ParallelBlock), kept under their global index so every
+  sequence parallelism it reduce-scatters straight into sequence shards); later stages have no
+  embedding and read the previous stage's activations (set_input_tensor);
+* its blocks (tensor_parallel.parallelize_block), kept under their global index so every
   parameter has the same name as in the single-device TitansLM;
 * the last stage: the final norm, the vocabulary-parallel output head (column-parallel; the
   embedding's weight when tied and on the same stage, else a copy kept in sync by megatron's
   embedding-group all-reduce) and megatron's vocab_parallel_cross_entropy. It returns the
-  per-token losses [L, B]; other stages return their activations.
+  per-token losses [L, B]; other stages have no final norm and return their activations.
 
 The vocabulary is padded (layout.padded_vocab_size) so it splits over TP; padded rows start at
 zero and their logits are masked to -inf, so the loss equals the unpadded model's exactly.
@@ -39,18 +42,27 @@ def _pad_rows(w: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([w.detach(), w.new_zeros(rows - w.shape[0], *w.shape[1:])]) if rows > w.shape[0] else w
 
 
-class TitansStage(nn.Module):
-    """Model chunk for megatron's schedules (set_input_tensor, config, model_type)."""
+class SequenceFirstEmbedding(VocabParallelEmbedding):
+    """megatron's vocabulary-parallel embedding returning [L(/tp), B, D] (with sequence
+    parallelism megatron's own reduce-scatter already transposes)."""
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = super().forward(tokens)
+        return x if self.reduce_scatter_embeddings else x.transpose(0, 1).contiguous()
+
+
+class TitansStage(TitansLM):
+    """Model chunk for megatron's schedules (set_input_tensor, config, model_type): a pruned
+    TitansLM, plus the vocabulary-parallel head and loss."""
 
     def __init__(self, full: TitansLM, layer_ids: list[int], *, first: bool, last: bool, config,
                  layer_config, vocab_padded: int):
-        super().__init__()
-        cfg = full.cfg
+        nn.Module.__init__(self)        # not TitansLM's: the parts are taken from `full`, built once
+        cfg = self.cfg = full.cfg
         sp = config.sequence_parallel
         self.config, self.layer_config = config, layer_config
         self.model_type = ModelType.encoder_or_decoder
         self.pre_process, self.post_process = first, last
-        self.sequence_parallel = sp
         self.vocab_size, self.vocab_padded = cfg.vocab_size, vocab_padded
         self.tied = cfg.tie_embeddings
         # megatron's finalize_model_grads all-reduces this weight's gradient between the first and
@@ -59,13 +71,14 @@ class TitansStage(nn.Module):
         self.layer_ids = list(layer_ids)
         self.input_tensor: torch.Tensor | None = None
 
+        self.embed = self.norm = self.head = None
         if first:
-            self.embed = VocabParallelEmbedding(vocab_padded, cfg.d_model, init_method=lambda w: None,
+            self.embed = SequenceFirstEmbedding(vocab_padded, cfg.d_model, init_method=lambda w: None,
                                                 config=config, reduce_scatter_embeddings=sp)
             with torch.no_grad():
                 self.embed.weight.copy_(shard(_pad_rows(full.embed.weight, vocab_padded), 0))
             mark_tp(self.embed.weight, 0)
-        self.blocks = nn.ModuleDict({str(i): parallelize_block(full.blocks[i], layer_config, config)
+        self.blocks = nn.ModuleDict({str(i): parallelize_block(full.blocks[str(i)], layer_config, config)
                                      for i in layer_ids})
         if last:
             self.norm = TPSummedRMSNorm.from_norm(full.norm) if sp else full.norm
@@ -93,21 +106,16 @@ class TitansStage(nn.Module):
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """tokens, targets: [B, L] (only the first / last stage reads them).
         Returns per-token losses [L, B] on the last stage, else activations [L(/tp), B, D]."""
-        if self.pre_process:
-            x = self.embed(tokens)                     # [B, L, D], or [L/tp, B, D] with SP
-            if not self.sequence_parallel:
-                x = x.transpose(0, 1).contiguous()
-        else:
-            x = self.input_tensor
-        for block in self.blocks.values():
-            x = block(x)
+        out, _ = super().forward(tokens if self.pre_process else self.input_tensor)
         if not self.post_process:
-            return x
-        x = autocast_input(self.norm(x))
+            return out
+        return vocab_parallel_cross_entropy(out, targets.t().contiguous())
+
+    def output(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's fp32 logits [L, B, V_padded / tp], the vocabulary padding masked."""
         weight = self.embed.weight if (self.tied and self.pre_process) else None
-        logits = self.head(x, weight=weight)          # [L, B, V_padded / tp]
-        logits = self._mask_padding(logits.float())
-        return vocab_parallel_cross_entropy(logits, targets.t().contiguous())
+        logits = self.head(autocast_input(x), weight=weight)
+        return self._mask_padding(logits.float())
 
     def _mask_padding(self, logits: torch.Tensor) -> torch.Tensor:
         if self.vocab_padded == self.vocab_size:
