@@ -38,7 +38,8 @@ class Block(nn.Module):
         self.norm_ffn = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = SwiGLU(cfg.d_model, cfg.ffn_hidden)
         # Seams for tensor/sequence parallelism (parallel/tensor_parallel.py swaps them): the
-        # mixers take whole batch-first sequences, the parallel residual stream is not that.
+        # mixers take whole batch-first sequences; a TP residual stream is sequence-first and
+        # may be split along the sequence.
         self.mixer_in, self.mixer_out, self.ffn_in = nn.Identity(), nn.Identity(), nn.Identity()
 
     def forward(self, x, state, pos0):

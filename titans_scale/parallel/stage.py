@@ -51,49 +51,60 @@ class SequenceFirstEmbedding(VocabParallelEmbedding):
         return x if self.reduce_scatter_embeddings else x.transpose(0, 1).contiguous()
 
 
+def _embedding(full: TitansLM, config, vocab_padded: int) -> SequenceFirstEmbedding:
+    embed = SequenceFirstEmbedding(vocab_padded, full.cfg.d_model, init_method=lambda w: None, config=config,
+                                   reduce_scatter_embeddings=config.sequence_parallel)
+    with torch.no_grad():
+        embed.weight.copy_(shard(_pad_rows(full.embed.weight, vocab_padded), 0))
+    mark_tp(embed.weight, 0)
+    return embed
+
+
+def _head(full: TitansLM, config, vocab_padded: int, with_embedding: bool) -> ColumnParallel:
+    """The vocabulary-parallel output head. Tied to an embedding on the same stage it holds no
+    weight (TitansStage.output passes the embedding's)."""
+    tied = full.cfg.tie_embeddings
+    own_weight = not (tied and with_embedding)
+    head = ColumnParallel(full.cfg.d_model, vocab_padded, config=config, init_method=lambda w: None,
+                          bias=False, gather_output=False, skip_weight_param_allocation=not own_weight)
+    if own_weight:
+        with torch.no_grad():
+            head.weight.copy_(shard(_pad_rows(full.embed.weight if tied else full.head.weight, vocab_padded), 0))
+        mark_tp(head.weight, 0)
+        if tied:    # a copy of the first stage's embedding (megatron's naming)
+            head.weight.shared = True
+            head.weight.shared_embedding = True
+            head.weight.ds_pipe_replicated = True       # DeepSpeed: count it once in norms
+    return head
+
+
 class TitansStage(TitansLM):
     """Model chunk for megatron's schedules (set_input_tensor, config, model_type): a pruned
-    TitansLM, plus the vocabulary-parallel head and loss."""
+    TitansLM, plus the vocabulary-parallel head and loss. `full` is consumed (its blocks and
+    final norm are reused)."""
 
     def __init__(self, full: TitansLM, layer_ids: list[int], *, first: bool, last: bool, config,
                  layer_config, vocab_padded: int):
         nn.Module.__init__(self)        # not TitansLM's: the parts are taken from `full`, built once
-        cfg = self.cfg = full.cfg
-        sp = config.sequence_parallel
-        self.config, self.layer_config = config, layer_config
-        self.model_type = ModelType.encoder_or_decoder
-        self.pre_process, self.post_process = first, last
-        self.vocab_size, self.vocab_padded = cfg.vocab_size, vocab_padded
-        self.tied = cfg.tie_embeddings
-        # megatron's finalize_model_grads all-reduces this weight's gradient between the first and
-        # last pipeline stage when they hold separate copies.
-        self.share_embeddings_and_output_weights = self.tied
-        self.layer_ids = list(layer_ids)
-        self.input_tensor: torch.Tensor | None = None
-
-        self.embed = self.norm = self.head = None
+        self.cfg = full.cfg
+        self.embed = self.norm = self.head = None           # pruned unless this stage holds them
         if first:
-            self.embed = SequenceFirstEmbedding(vocab_padded, cfg.d_model, init_method=lambda w: None,
-                                                config=config, reduce_scatter_embeddings=sp)
-            with torch.no_grad():
-                self.embed.weight.copy_(shard(_pad_rows(full.embed.weight, vocab_padded), 0))
-            mark_tp(self.embed.weight, 0)
+            self.embed = _embedding(full, config, vocab_padded)
         self.blocks = nn.ModuleDict({str(i): parallelize_block(full.blocks[str(i)], layer_config, config)
                                      for i in layer_ids})
         if last:
-            self.norm = TPSummedRMSNorm.from_norm(full.norm) if sp else full.norm
-            source = full.embed.weight if self.tied else full.head.weight
-            own_weight = not (self.tied and first)
-            self.head = ColumnParallel(cfg.d_model, vocab_padded, config=config, init_method=lambda w: None,
-                                       bias=False, gather_output=False, skip_weight_param_allocation=not own_weight)
-            if own_weight:
-                with torch.no_grad():
-                    self.head.weight.copy_(shard(_pad_rows(source, vocab_padded), 0))
-                mark_tp(self.head.weight, 0)
-                if self.tied:   # a copy of the first stage's embedding (megatron's naming)
-                    self.head.weight.shared = True
-                    self.head.weight.shared_embedding = True
-                    self.head.weight.ds_pipe_replicated = True   # DeepSpeed: count it once in norms
+            self.norm = TPSummedRMSNorm.from_norm(full.norm) if config.sequence_parallel else full.norm
+            self.head = _head(full, config, vocab_padded, with_embedding=first)
+
+        self.config = config
+        self.model_type = ModelType.encoder_or_decoder
+        self.pre_process, self.post_process = first, last
+        self.vocab_size, self.vocab_padded = full.cfg.vocab_size, vocab_padded
+        self.tied = full.cfg.tie_embeddings
+        # megatron's finalize_model_grads all-reduces this weight's gradient between the first and
+        # last pipeline stage when they hold separate copies.
+        self.share_embeddings_and_output_weights = self.tied
+        self.input_tensor: torch.Tensor | None = None
 
     # -- megatron schedule / finalize_model_grads API ------------------------------------------
     def set_input_tensor(self, input_tensor) -> None:
