@@ -206,4 +206,4 @@ def test_fp8_run_converts_to_weights_and_resumes_with_fresh_scales(tmp_path):
     again = TitansLM(cfg.model)
     convert_linears_to_fp8(again, Fp8Recipe(), lambda name, _: name.endswith("ffn.w_up"))
     again.load_state_dict(weights)                       # fresh scales, the trained weights
-    assert torch.equal(again.blocks[0].ffn.w_up.weight, model.blocks[0].ffn.w_up.weight)
+    assert torch.equal(again.blocks["0"].ffn.w_up.weight, model.blocks["0"].ffn.w_up.weight)

@@ -111,7 +111,7 @@ def test_gate_initialisation_keeps_memory_long():
     """DESIGN.md 3: at init the memory keeps most of what it stores over thousands of tokens
     and the inner step is bounded, so a 1k-token sequence neither forgets nor blows up."""
     model = tiny_model("lmm")
-    mem = model.blocks[0].mixer.memory
+    mem = model.blocks["0"].mixer.memory
     with torch.no_grad():
         theta, eta, alpha = mem.gate_values(torch.randn(1, 64, 32, dtype=torch.float64) * 0.1)
     assert (1 - alpha).log().sum(-1).mean().mul(2048 / 64).exp() > 0.5     # kept after 2048 tokens

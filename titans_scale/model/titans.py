@@ -4,6 +4,11 @@
 
 forward(tokens, state) -> (logits, state): pass the returned state back with the next piece
 of a document and the outputs equal one call on the whole document.
+
+Parallelism reuses this code from outside (parallel/): a Block's seams (``mixer_in``,
+``mixer_out``, ``ffn_in``; identities here) take tensor/sequence-parallel layout changes, and a
+pipeline stage is a pruned TitansLM: no embedding (it reads hidden states), no final norm and
+head (it returns hidden states), blocks kept under their global index (same parameter names).
 """
 
 from __future__ import annotations
@@ -32,11 +37,15 @@ class Block(nn.Module):
         self.mixer = MIXER_CLASSES[mixer](cfg)
         self.norm_ffn = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = SwiGLU(cfg.d_model, cfg.ffn_hidden)
+        # Seams for tensor/sequence parallelism (parallel/tensor_parallel.py swaps them): the
+        # mixers take whole batch-first sequences; a TP residual stream is sequence-first and
+        # may be split along the sequence.
+        self.mixer_in, self.mixer_out, self.ffn_in = nn.Identity(), nn.Identity(), nn.Identity()
 
     def forward(self, x, state, pos0):
-        h, state = self.mixer(self.norm_mix(x), state, pos0)
-        x = x + h
-        return x + self.ffn(self.norm_ffn(x)), state
+        h, state = self.mixer(self.mixer_in(self.norm_mix(x)), state, pos0)
+        x = x + self.mixer_out(h)
+        return x + self.ffn(self.ffn_in(self.norm_ffn(x))), state
 
 
 class TitansLM(nn.Module):
@@ -45,7 +54,9 @@ class TitansLM(nn.Module):
         cfg.validate()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList([Block(cfg, m) for m in cfg.layers])
+        # keyed by global index ("blocks.3.…", as a ModuleList names them): a pipeline stage
+        # keeps some of them under the same names
+        self.blocks = nn.ModuleDict({str(i): Block(cfg, m) for i, m in enumerate(cfg.layers)})
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.reset_parameters()
@@ -61,17 +72,23 @@ class TitansLM(nn.Module):
                 nn.init.normal_(p, std=std / (2 * len(self.blocks)) ** 0.5)
 
     def forward(self, tokens: torch.Tensor, state: ModelState | None = None):
-        if tokens.dim() != 2:
+        """tokens: [B, L] token ids, or hidden states where the embedding was pruned (a later
+        pipeline stage). Returns (logits, state), or (hidden states, state) where the final
+        norm was pruned. Parallel stages run fresh sequences and drop the state."""
+        if self.embed is not None and tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, length] token ids, got shape {tuple(tokens.shape)}")
         state = state or ModelState(0, [None] * len(self.blocks))
-        x = self.embed(tokens)
+        x = tokens if self.embed is None else self.embed(tokens)
         new_layers = []
-        for block, st in zip(self.blocks, state.layers):
+        for block, st in zip(self.blocks.values(), state.layers):
             x, st = block(x, st, state.position)
             new_layers.append(st)
-        x = self.norm(x)
-        logits = x @ self.embed.weight.t() if self.head is None else self.head(x)
-        return logits, ModelState(state.position + tokens.shape[1], new_layers)
+        state = ModelState(state.position + tokens.shape[1], new_layers)
+        return (x, state) if self.norm is None else (self.output(self.norm(x)), state)
+
+    def output(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits from the final normalised hidden states (the tied head reuses the embedding)."""
+        return x @ self.embed.weight.t() if self.head is None else self.head(x)
 
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -19,10 +19,12 @@ Activations between blocks are sequence-first, [L, B, D] as in Megatron. With se
 parallelism the residual stream and the norms hold L/tp tokens per rank: the SwiGLU's megatron
 layers all-gather / reduce-scatter along the sequence themselves (``seq_cfg`` has
 ``sequence_parallel=True``); a mixer runs on the whole sequence (MAC cuts it into segments,
-MAG/MAL/MAC re-enter the head-sharded region inside), so the block all-gathers its input
-before the mixer and keeps its rank's slice of the output (megatron's
-gather_from_sequence_parallel_region / scatter_to_sequence_parallel_region). Norm weights
-that see only a slice of the sequence have their gradient summed over TP in the backward.
+MAG/MAL/MAC re-enter the head-sharded region inside), so the Block's ``mixer_in`` seam
+all-gathers the mixer's input and ``mixer_out`` keeps this rank's slice of its output
+(megatron's gather_from_sequence_parallel_region / scatter_to_sequence_parallel_region),
+both changing between the stream's [L, B, D] and the mixers' [B, L, D]. Norm weights that
+see only a slice of the sequence have their gradient summed over TP in the backward. The
+Block's forward is the model's own: only its layers and seams change.
 """
 
 from __future__ import annotations
@@ -42,10 +44,12 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 from titans_scale.model.attention import Attention
 from titans_scale.model.layers import CausalDepthwiseConv, RMSNorm, SwiGLU
 from titans_scale.model.memory import NeuralMemory
+from titans_scale.model.titans import Block
 from titans_scale.ops.rmsnorm import rms_norm
 
-__all__ = ["ColumnParallel", "ParallelBlock", "autocast_input", "RowParallel", "TPEntry", "TPSummedRMSNorm",
-           "column_from", "mark_tp", "tp_rank_size", "parallelize_block", "row_from", "shard"]
+__all__ = ["AutocastInput", "ColumnParallel", "MixerInput", "MixerOutput", "RowParallel", "TPEntry",
+           "TPSummedRMSNorm", "autocast_input", "column_from", "mark_tp", "tp_rank_size", "parallelize_block",
+           "row_from", "shard"]
 
 
 def tp_rank_size() -> tuple[int, int]:
@@ -180,32 +184,45 @@ def autocast_input(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-class ParallelBlock(nn.Module):
-    """A Block on sequence-first activations [L(/tp), B, D]; same parameter names as Block."""
-
-    def __init__(self, block, sequence_parallel: bool):
-        super().__init__()
-        self.kind = block.kind
-        self.sequence_parallel = sequence_parallel
-        self.norm_mix, self.mixer = block.norm_mix, block.mixer
-        self.norm_ffn, self.ffn = block.norm_ffn, block.ffn
+class AutocastInput(nn.Module):
+    """Block.ffn_in seam: the SwiGLU's column layers take their input in the autocast dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.norm_mix(x)
+        return autocast_input(x)
+
+
+class MixerInput(nn.Module):
+    """Block.mixer_in seam: the sequence-first residual stream [L(/tp), B, D] -> the whole
+    sequence, batch-first [B, L, D], as the mixers take it."""
+
+    def __init__(self, sequence_parallel: bool):
+        super().__init__()
+        self.sequence_parallel = sequence_parallel
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.sequence_parallel:
             # Every consumer of h inside the mixer is a column-parallel layer whose backward
             # already sums over TP, so the gather's backward only splits (no reduce-scatter).
             h = gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=False)
-        out, _ = self.mixer(h.transpose(0, 1).contiguous(), None, 0)      # mixers are batch-first
+        return h.transpose(0, 1).contiguous()
+
+
+class MixerOutput(nn.Module):
+    """Block.mixer_out seam: the mixer's [B, L, D] output -> this rank's part of the
+    sequence-first residual stream."""
+
+    def __init__(self, sequence_parallel: bool):
+        super().__init__()
+        self.sequence_parallel = sequence_parallel
+
+    def forward(self, out: torch.Tensor) -> torch.Tensor:
         out = out.transpose(0, 1)
-        if self.sequence_parallel:
-            out = scatter_to_sequence_parallel_region(out)
-        x = x + out
-        return x + self.ffn(autocast_input(self.norm_ffn(x)))
+        return scatter_to_sequence_parallel_region(out) if self.sequence_parallel else out
 
 
-def parallelize_block(block, layer_cfg, seq_cfg) -> ParallelBlock:
-    """Swap `block`'s submodules for TP layers (in place) and wrap it for [L, B, D] inputs.
+def parallelize_block(block: Block, layer_cfg, seq_cfg) -> Block:
+    """Swap `block`'s submodules for TP layers and its seams for the [L(/tp), B, D] layout
+    (in place; the same Block, its forward and parameter names unchanged). Returns `block`.
 
     layer_cfg: megatron config for the mixer's layers (sequence_parallel=False: mixers see the
     whole sequence); seq_cfg: the config for the SwiGLU (sequence_parallel as the layout says).
@@ -219,4 +236,7 @@ def parallelize_block(block, layer_cfg, seq_cfg) -> ParallelBlock:
     if seq_cfg.sequence_parallel:
         block.norm_mix = TPSummedRMSNorm.from_norm(block.norm_mix)
         block.norm_ffn = TPSummedRMSNorm.from_norm(block.norm_ffn)
-    return ParallelBlock(block, seq_cfg.sequence_parallel)
+    block.mixer_in = MixerInput(seq_cfg.sequence_parallel)
+    block.mixer_out = MixerOutput(seq_cfg.sequence_parallel)
+    block.ffn_in = AutocastInput()
+    return block
