@@ -67,9 +67,9 @@ class NeuralMemory(nn.Module):
         # Input of MAC's q-only read, which uses self.qkv's weight directly: identity here;
         # tensor parallelism puts megatron's TP-region entry in its place (parallel/tensor_parallel.py).
         self.q_input = nn.Identity()
-        # The memory op (the update and retrieval of Eqs. 13-15), a seam: context parallelism puts in
-        # its place one that runs on a rank's shard of the sequence (parallel/context/).
-        self.scan_fn = memory_scan
+        # The memory op (the update and retrieval of Eqs. 13-15) is a seam: None runs memory_scan;
+        # context parallelism puts one here that runs on a rank's shard of the sequence.
+        self.scan_fn = None
         self.reset_gates(cfg.init_std)
 
     @torch.no_grad()
@@ -137,8 +137,9 @@ class NeuralMemory(nn.Module):
         """Read and update the memory with x [B, L, D]; returns retrieved y [B, H, L, d]."""
         (q, k, v), conv = self.project(x, state.conv)
         theta, eta, alpha = self.gate_values(x)
-        y, mem = self.scan_fn(q, k, v, theta, eta, alpha, state.memory, self.chunk_size, impl=self.impl,
-                              recompute_group=self.recompute_group)
+        scan = self.scan_fn or memory_scan
+        y, mem = scan(q, k, v, theta, eta, alpha, state.memory, self.chunk_size, impl=self.impl,
+                      recompute_group=self.recompute_group)
         return y, MemoryLayerState(mem, conv)
 
     def forward(self, x: torch.Tensor, state: MemoryLayerState | None = None):

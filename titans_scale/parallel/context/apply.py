@@ -62,7 +62,6 @@ import torch.utils._pytree as pytree
 
 from titans_scale.model.memory import NeuralMemory
 from titans_scale.model.mixers import MAC, MIXER_CLASSES, FullAttention, SegmentAttention, SlidingWindow
-from titans_scale.ops.memory import memory_scan
 from titans_scale.ops.state import MemoryState
 
 from .comm import CPComm
@@ -329,7 +328,7 @@ def remove_context_parallel(model: nn.Module) -> nn.Module:
             module.__class__ = original
             del module._cp
             if isinstance(module, NeuralMemory):
-                module.scan_fn = memory_scan
+                module.scan_fn = None
     return model
 
 
