@@ -146,7 +146,8 @@ TRAIN_MODEL = dict(d_model=64, n_heads=2, mem_heads=4, layers=["swa", "mag"], me
 
 
 def _formula(spec: dict, lengths: list[int], rank: int) -> dict:
-    """Analytical bytes of one MAG layer: memory op + one halo of max(window, kernel)-1 tokens."""
+    """Analytical bytes of one MAG layer: memory op + the window's and the conv's halos
+    (window-1 and kernel-1 tokens)."""
     from titans_scale.parallel.context.cost import MemoryShape, halo_bytes, memory_bytes
 
     m = spec["model"]
@@ -156,10 +157,10 @@ def _formula(spec: dict, lengths: list[int], rank: int) -> dict:
     W = d * d if depth == 1 else 2 * d * m.get("mem_expansion", 4) * d + (depth - 2) * (m.get("mem_expansion", 4) * d) ** 2
     shape = MemoryShape(spec["batch"], H, d, d, W, ndims=12 * depth)
     mem = memory_bytes(spec["strategy"], shape, lengths, rank, micro_batches=2 * len(lengths))
-    n = max(m.get("window", 128), m.get("conv_kernel", 4)) - 1
-    halo = halo_bytes(n, lengths, rank, m["d_model"] * 4)
+    halos = [halo_bytes(n - 1, lengths, rank, m["d_model"] * 4)
+             for n in (m.get("window", 128), m.get("conv_kernel", 4))]
     layers = len(m["layers"])
-    return {p: (mem[p] + halo[p]) * layers for p in ("fwd", "bwd")}
+    return {p: (mem[p] + sum(h[p] for h in halos)) * layers for p in ("fwd", "bwd")}
 
 
 def run(spec: dict) -> dict:

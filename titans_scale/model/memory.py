@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
 
 from titans_scale.ops.memory import MemoryState, memory_scan
 from titans_scale.ops.mlp import mlp_read
@@ -31,6 +32,9 @@ class MemoryLayerState:
 
     def detach(self) -> "MemoryLayerState":
         return MemoryLayerState(self.memory.detach(), self.conv.detach())
+
+
+pytree.register_dataclass(MemoryLayerState)     # its tensors flatten in a fixed order (torch pytree)
 
 
 def _logit(p: float) -> float:
@@ -63,6 +67,9 @@ class NeuralMemory(nn.Module):
         # Input of MAC's q-only read, which uses self.qkv's weight directly: identity here;
         # tensor parallelism puts megatron's TP-region entry in its place (parallel/tensor_parallel.py).
         self.q_input = nn.Identity()
+        # The memory op (the update and retrieval of Eqs. 13-15) is a seam: None runs memory_scan;
+        # context parallelism puts one here that runs on a rank's shard of the sequence.
+        self.scan_fn = None
         self.reset_gates(cfg.init_std)
 
     @torch.no_grad()
@@ -103,10 +110,17 @@ class NeuralMemory(nn.Module):
         g = g.view(*x.shape[:2], -1, 3).permute(3, 0, 2, 1)  # [3, B, H, L]
         return self.max_lr * g[0], g[1], g[2]
 
-    def initial_state(self, batch: int, device=None) -> MemoryLayerState:
+    def initial_state(self, batch: int, device=None, before: torch.Tensor | None = None) -> MemoryLayerState:
+        """The memory W^0 and an empty conv cache; with `before` [B, n, D], the n <= kernel-1
+        inputs just before the stream, the cache holds their projections (zero rows for the
+        positions before those, as at a sequence start: the projection has no bias)."""
         w0 = [w.to(state_dtype(w)).unsqueeze(0).expand(batch, *w.shape) for w in self.init_weights]
-        conv = torch.zeros(batch, self.conv.kernel - 1, self.qkv.weight.shape[0],
-                           device=device or w0[0].device, dtype=self.qkv.weight.dtype)
+        k = self.conv.kernel - 1
+        if before is None or k == 0:
+            conv = torch.zeros(batch, k, self.qkv.weight.shape[0],
+                               device=device or w0[0].device, dtype=self.qkv.weight.dtype)
+        else:
+            conv = self.qkv(torch.cat([before.new_zeros(batch, k - before.shape[1], before.shape[2]), before], 1))
         return MemoryLayerState(MemoryState.fresh(w0, self.chunk_size), conv)
 
     def read(self, weights: list[torch.Tensor], q: torch.Tensor) -> torch.Tensor:
@@ -123,8 +137,9 @@ class NeuralMemory(nn.Module):
         """Read and update the memory with x [B, L, D]; returns retrieved y [B, H, L, d]."""
         (q, k, v), conv = self.project(x, state.conv)
         theta, eta, alpha = self.gate_values(x)
-        y, mem = memory_scan(q, k, v, theta, eta, alpha, state.memory, self.chunk_size, self.impl,
-                             recompute_group=self.recompute_group)
+        scan = self.scan_fn or memory_scan
+        y, mem = scan(q, k, v, theta, eta, alpha, state.memory, self.chunk_size, impl=self.impl,
+                      recompute_group=self.recompute_group)
         return y, MemoryLayerState(mem, conv)
 
     def forward(self, x: torch.Tensor, state: MemoryLayerState | None = None):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.utils._pytree as pytree
 
 from .attention import Attention
 from .config import ModelConfig
@@ -83,6 +84,12 @@ class MAGState:
     memory: MemoryLayerState
 
 
+@dataclass
+class MALState:
+    memory: MemoryLayerState
+    tail: torch.Tensor             # the memory outputs still in the window
+
+
 class MAG(nn.Module):
     """mag: o = norm(SWA(x)) * sigmoid(norm(M(x)))  (paper Eqs. 26-28)."""
 
@@ -109,14 +116,18 @@ class MAL(nn.Module):
     def forward(self, x, state, pos0):
         m, mem = self.memory(x, state and state.memory)
         y, tail = self.swa(m, state and state.tail, pos0)
-        return y, MAGState(tail, mem)
+        return y, MALState(mem, tail)
 
 
 @dataclass
 class MACState:
     memory: MemoryLayerState       # memory (and conv of the y stream) at the current segment's start
-    conv_x: torch.Tensor | None    # conv cache of the x stream (queries for h) at that start
+    conv_x: torch.Tensor           # conv cache of the x stream (queries for h) at that start
     tail: torch.Tensor             # inputs of the current, unfinished segment
+
+
+for _state in (MAGState, MALState, MACState):   # flatten to their tensors in a fixed order (torch pytree)
+    pytree.register_dataclass(_state)
 
 
 class MAC(nn.Module):
@@ -129,9 +140,14 @@ class MAC(nn.Module):
         self.attn, self.segment = _attention(cfg), cfg.segment_len
         self.memory = NeuralMemory(cfg)
 
+    def initial_state(self, x: torch.Tensor) -> MACState:
+        """The state before a sequence's first token (x: a piece of it, for batch, device, dtype)."""
+        mem = self.memory.initial_state(x.shape[0], x.device)
+        conv_x = mem.conv.new_zeros(*mem.conv.shape[:2], mem.conv.shape[2] // 3)     # q's rows: a third
+        return MACState(mem, conv_x, x[:, :0])
+
     def forward(self, x, state, pos0):
-        if state is None:
-            state = MACState(self.memory.initial_state(x.shape[0], x.device), None, x[:, :0])
+        state = state or self.initial_state(x)
         xx = torch.cat([state.tail, x], dim=1)
         start = pos0 + x.shape[1] - xx.shape[1]
         mem, conv_x, outs = state.memory, state.conv_x, []

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.utils._pytree as pytree
 
 
 class MemoryArgumentError(ValueError):
@@ -44,6 +45,13 @@ class MemoryState:
     @property
     def depth(self) -> int:
         return len(self.weights)
+
+
+# A torch pytree whose leaves are tensors() in order; position and chunk_size ride in its spec.
+pytree.register_pytree_node(
+    MemoryState,
+    lambda s: ([s.chunk_start, s.weights, s.momentum], (s.position, s.chunk_size)),
+    lambda lists, meta: MemoryState(*(list(ws) for ws in lists), *meta))
 
 
 def state_dtype(x: torch.Tensor) -> torch.dtype:

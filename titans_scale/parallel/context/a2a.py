@@ -20,6 +20,7 @@ so a2a grows linearly with the sequence length.
 from __future__ import annotations
 
 import torch
+import torch.utils._pytree as pytree
 
 from titans_scale.ops.memory import memory_scan
 from titans_scale.ops.state import MemoryState
@@ -75,12 +76,8 @@ def a2a_memory_scan(q, k, v, theta, eta, alpha, state: MemoryState, comm: CPComm
         qkv, gates = _seq_to_heads(qkv, comm, info), _seq_to_heads(gates, comm, info)
     d = q.shape[-1]
     mine = slice(comm.rank * (H // P), (comm.rank + 1) * (H // P))
-    heads = lambda ws: [w[:, mine] for w in ws]  # noqa: E731
-    local = MemoryState(heads(state.chunk_start), heads(state.weights), heads(state.momentum),
-                        state.position, state.chunk_size)
+    local = pytree.tree_map(lambda w: w[:, mine], state)            # this rank's heads of the state
     y, end = memory_scan(qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:], *gates.unbind(-1),
                          local, state.chunk_size, impl, recompute_group=recompute_group)
     y = _heads_to_seq(y, comm, info)
-    n = end.depth
-    full = _gather_heads(end.tensors(), comm)
-    return y, MemoryState(full[:n], full[n:2 * n], full[2 * n:], end.position, end.chunk_size)
+    return y, pytree.tree_unflatten(_gather_heads(end.tensors(), comm), pytree.tree_structure(end))

@@ -5,7 +5,7 @@ Which strategy serves which mixer, and why:
 | mixer | a2a | state_passing | ring | attention / conv under CP |
 | --- | --- | --- | --- | --- |
 | lmm | yes (heads % cp == 0) | depth 1 | yes | conv halo (kernel-1 inputs) |
-| mag | yes (heads % cp == 0) | depth 1 | yes | one halo of max(window, kernel)-1 inputs feeds both |
+| mag | yes (heads % cp == 0) | depth 1 | yes | window halo and conv halo of x (two small exchanges) |
 | mal | yes (heads % cp == 0) | depth 1 | yes | conv halo of x, window halo of the memory's output |
 | mac | no | no | yes: the whole mixer streams its state | none needed: the ring passes the MAC state |
 | swa / seg / attn | - | - | - | window halo / straddling-segment halo / all-gather |
@@ -18,9 +18,24 @@ and the shard's update is not affine in that state (state_passing). The ring han
 the entire MAC state (memory, both conv caches and an unfinished segment's inputs), so
 segments may straddle shard boundaries.
 
-Mechanics: each Block's mixer keeps its parameters and names (state_dict unchanged); only
-its class is swapped for a subclass whose forward runs the CP version (FSDP2's
-fully_shard swaps classes the same way). ``remove_context_parallel`` swaps back.
+Mechanics: the model's own seams; no forward pass is restated here. A shard is one piece
+of a document fed in pieces, whose predecessor lives on the previous ranks, and every
+mixer already streams: its state carries the inputs it needs from before (window tails,
+segment tails, the conv cache). So
+  * each attention module (SlidingWindow, SegmentAttention, FullAttention) and NeuralMemory
+    inside a mixer becomes a Shard* subclass that fetches those inputs from the previous
+    ranks (its halo) and runs its ORIGINAL forward with them as its state; the memory's scan
+    function (NeuralMemory.scan_fn) becomes cp_memory_scan, which carries the memory across
+    the shards. LMM, MAG and MAL run their own forward around them, unchanged;
+  * MAC reads its memory's pieces with inputs that depend on the memory state (above), so
+    it runs whole as a ring: rank r resumes MAC's own streaming state (a torch pytree) from
+    rank r-1 (ring.ring_forward);
+  * the Block mixer's class becomes CP<Mixer> (made once per class, as FSDP2's fully_shard
+    does), whose forward makes the call one unit of CP work: a fresh state, every rank's
+    shard length gathered once for the modules inside, ordered communication
+    (comm.begin / comm.end) and the final memory state as CPLayerState.
+Parameters and names are untouched (state_dict unchanged); ``remove_context_parallel``
+swaps the classes back.
 
 Contract (for the trainer):
   * every CP rank calls model(tokens_shard) with its contiguous shard of the same
@@ -43,26 +58,39 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.utils._pytree as pytree
 
-from titans_scale.model.memory import MemoryLayerState, NeuralMemory
-from titans_scale.model.mixers import LMM, MAC, MAG, MAL, FullAttention, MACState, SegmentAttention, SlidingWindow
+from titans_scale.model.memory import NeuralMemory
+from titans_scale.model.mixers import MAC, MIXER_CLASSES, FullAttention, SegmentAttention, SlidingWindow
 from titans_scale.ops.state import MemoryState
 
 from .comm import CPComm
 from .halo import gather_prefix, prefix_halo
-from .ring import ring_apply
+from .ring import ring_forward
 from .scan import check_memory_strategy, cp_memory_scan
 from .shard import STRATEGIES, CPConfigError, ShardInfo, shard_bounds
 
 
 @dataclass
 class CPContext:
+    """What one mixer's CP modules share: the group, the memory strategy and, during the
+    mixer's forward, every rank's shard length."""
+
     comm: CPComm
     strategy: str                    # the memory strategy of this mixer
     micro_batches: int | None = None
+    info: ShardInfo | None = None
 
-    def shard(self, x: torch.Tensor) -> ShardInfo:
-        return ShardInfo.gather(self.comm, x.shape[1])
+    def memory_scan(self, q, k, v, theta, eta, alpha, init, chunk_size, impl="auto", recompute_group=None):
+        """NeuralMemory.scan_fn under CP: the memory op on this rank's shard (init: the
+        sequence's start state); returns the state after the whole sequence."""
+        return cp_memory_scan(q, k, v, theta, eta, alpha, init, chunk_size, self.comm, self.strategy, impl,
+                              recompute_group, self.micro_batches, self.info)
+
+    def halo(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """The min(n, offset) inputs just before this rank's shard of x."""
+        with self.comm.scope("halo"):
+            return prefix_halo(x, n, self.comm, self.info)
 
 
 @dataclass
@@ -83,142 +111,125 @@ def _last(t: torch.Tensor, n: int) -> torch.Tensor:
     return t.narrow(1, t.shape[1] - n, n)
 
 
-def _memory_forward(mem: NeuralMemory, x, halo, ctx: CPContext, info: ShardInfo):
-    """NeuralMemory.forward on a shard: the conv cache comes from the halo of x (zero rows
-    stand in for tokens before the sequence: the projection has no bias, so they project to
-    the zero cache a fresh sequence starts with)."""
-    k = mem.conv.kernel - 1
-    cache = None
-    if k > 0:
-        h = _last(halo, k)
-        h = torch.cat([h.new_zeros(h.shape[0], k - h.shape[1], h.shape[2]), h], dim=1)
-        _, cache = mem.project(h, None)
-    (q, kk, v), _ = mem.project(x, cache)
-    theta, eta, alpha = mem.gate_values(x)
-    init = mem.initial_state(x.shape[0], x.device).memory
-    y, state = cp_memory_scan(q, kk, v, theta, eta, alpha, init, mem.chunk_size, ctx.comm, ctx.strategy,
-                              mem.impl, getattr(mem, "recompute_group", None), ctx.micro_batches, info)
-    return mem.output(y, x), state
+def _memory_of(state) -> MemoryState | None:
+    """The MemoryState inside a mixer's state (a torch pytree), if it holds one."""
+    is_memory = lambda s: isinstance(s, MemoryState)  # noqa: E731
+    return next((s for s in pytree.tree_leaves(state, is_leaf=is_memory) if is_memory(s)), None)
 
 
-def _halo(x, n, ctx, info):
-    with ctx.comm.scope("halo"):
-        return prefix_halo(x, n, ctx.comm, info)
+# -- the modules inside a mixer: their halo as their streaming state --------------------------
 
 
-def _unit(cp_forward):
-    """forward(x, state, pos0) around cp_forward(self, x, info, pos0): a fresh state, the
-    shard lengths, and one ordered unit of CP communication (comm.begin / comm.end)."""
+class ShardSlidingWindow(SlidingWindow):
+    """Its state on a shard: the window-1 inputs before it."""
 
-    @functools.wraps(cp_forward)
+    _cp_original = SlidingWindow
+
     def forward(self, x, state, pos0):
         _fresh(state)
-        comm = self._cp.comm
-        comm.begin(x)
-        try:
-            out, new_state = cp_forward(self, x, self._cp.shard(x), pos0)
-        except BaseException:
-            comm.abort()
-            raise
-        return comm.end(out), new_state
-
-    return forward
+        return super().forward(x, self._cp.halo(x, self.window - 1), pos0 + self._cp.info.offset())
 
 
-class CPSlidingWindow(SlidingWindow):
-    @_unit
-    def forward(self, x, info, pos0):
-        halo = _halo(x, self.window - 1, self._cp, info)
-        return SlidingWindow.forward(self, x, halo, pos0 + info.offset())[0], None
+class ShardSegmentAttention(SegmentAttention):
+    """Its state on a shard: the inputs of the segment that straddles the shard's start
+    (segments count from the sequence start: offset mod segment_len of them)."""
 
+    _cp_original = SegmentAttention
 
-class CPSegmentAttention(SegmentAttention):
-    @_unit
-    def forward(self, x, info, pos0):
-        # segments count from the sequence start: rank r needs offset mod segment_len tokens back
+    def forward(self, x, state, pos0):
+        _fresh(state)
+        info = self._cp.info
         need = [info.offset(r) % self.segment for r in range(info.size)]
-        halo = _last(_halo(x, max(need), self._cp, info), need[info.rank])
-        return SegmentAttention.forward(self, x, halo, pos0 + info.offset())[0], None
+        halo = _last(self._cp.halo(x, max(need)), need[info.rank])
+        return super().forward(x, halo, pos0 + info.offset())
 
 
-class CPFullAttention(FullAttention):
-    @_unit
-    def forward(self, x, info, pos0):
-        with self._cp.comm.scope("halo"):
-            prev = gather_prefix(x, self._cp.comm, info)
-        return FullAttention.forward(self, x, prev, pos0 + info.offset())[0], None
+class ShardFullAttention(FullAttention):
+    """Its state on a shard: every earlier shard (all-gathered: O(L) bytes)."""
 
+    _cp_original = FullAttention
 
-class CPLMM(LMM):
-    @_unit
-    def forward(self, x, info, pos0):
-        halo = _halo(x, self.memory.conv.kernel - 1, self._cp, info)
-        out, mem = _memory_forward(self.memory, x, halo, self._cp, info)
-        return out, CPLayerState(mem)
-
-
-class CPMAG(MAG):
-    @_unit
-    def forward(self, x, info, pos0):
+    def forward(self, x, state, pos0):
+        _fresh(state)
         ctx = self._cp
-        w, k = self.swa.window - 1, self.memory.conv.kernel - 1
-        halo = _halo(x, max(w, k), ctx, info)          # one exchange serves attention and conv
-        y, _ = SlidingWindow.forward(self.swa, x, _last(halo, w), pos0 + info.offset())
-        m, mem = _memory_forward(self.memory, x, halo, ctx, info)
-        return self.norm_y(y) * torch.sigmoid(self.norm_m(m)), CPLayerState(mem)
+        with ctx.comm.scope("halo"):
+            prev = gather_prefix(x, ctx.comm, ctx.info)
+        return super().forward(x, prev, pos0 + ctx.info.offset())
 
 
-class CPMAL(MAL):
-    @_unit
-    def forward(self, x, info, pos0):
+class ShardNeuralMemory(NeuralMemory):
+    """Its state on a shard: the conv cache of the kernel-1 inputs before it, and W^0, the
+    sequence's start, from which scan_fn (CPContext.memory_scan) carries the memory across
+    the shards."""
+
+    _cp_original = NeuralMemory
+
+    def forward(self, x, state=None):
+        _fresh(state)
+        before = self._cp.halo(x, self.conv.kernel - 1)
+        return super().forward(x, self.initial_state(x.shape[0], x.device, before))
+
+
+_SHARD = {cls._cp_original: cls for cls in (ShardSlidingWindow, ShardSegmentAttention, ShardFullAttention,
+                                            ShardNeuralMemory)}
+
+
+# -- the Block mixer: one unit of CP work ------------------------------------------------------
+
+
+class CPMixer(nn.Module):
+    """Put in front of a Block mixer's class: forward(x, state, pos0) becomes one unit of CP
+    work around the mixer's own forward (see the module docstring)."""
+
+    def forward(self, x, state, pos0):
+        _fresh(state)
         ctx = self._cp
-        m, mem = _memory_forward(self.memory, x, _halo(x, self.memory.conv.kernel - 1, ctx, info), ctx, info)
-        y, _ = SlidingWindow.forward(self.swa, m, _halo(m, self.swa.window - 1, ctx, info), pos0 + info.offset())
-        return y, CPLayerState(mem)
+        ctx.comm.begin(x)
+        try:
+            ctx.info = ShardInfo.gather(ctx.comm, x.shape[1])
+            out, memory = self._on_shard(x, pos0)
+        except BaseException:
+            ctx.comm.abort()
+            raise
+        finally:
+            ctx.info = None
+        return ctx.comm.end(out), None if memory is None else CPLayerState(memory)
+
+    def _on_shard(self, x, pos0):
+        """(out, final memory state or None): the mixer's forward, its Shard* modules inside."""
+        out, state = self._mixer_forward(x, None, pos0)
+        return out, _memory_of(state)
+
+    def _mixer_forward(self, x, state, pos0):
+        return super().forward(x, state, pos0)          # the class CP<Mixer> was made from
 
 
-class CPMAC(MAC):
-    """The whole MAC mixer as a ring: rank r resumes MAC's own streaming state from rank r-1."""
+class CPRingMixer(CPMixer):
+    """A mixer run whole as a ring over its own streaming state (MAC)."""
 
-    @_unit
-    def forward(self, x, info, pos0):
-        ctx, B, mem = self._cp, x.shape[0], self.memory
-        fresh = mem.initial_state(B, x.device)
-        n = fresh.memory.depth
-        H = mem.init_weights[0].shape[0]
-        conv_x = fresh.conv.new_zeros(B, mem.conv.kernel - 1, H * mem.d)   # = no cache (zeros)
-        template = [*fresh.memory.tensors(), fresh.conv, conv_x, x[:, :0]]
-        start = pos0 + info.offset()
-
-        def step(xs, sts):
-            memory = MemoryState(sts[:n], sts[n:2 * n], sts[2 * n:3 * n], 0, mem.chunk_size)
-            st = MACState(MemoryLayerState(memory, sts[3 * n]), sts[3 * n + 1], sts[3 * n + 2])
-            out, new = MAC.forward(self, xs[0], st, start)
-            return [out], [*new.memory.memory.tensors(), new.memory.conv, new.conv_x, new.tail]
-
+    def _on_shard(self, x, pos0):
+        ctx = self._cp
         params = [p for p in self.parameters() if p.requires_grad]
         with ctx.comm.scope("memory"):
-            (out,), ends = ring_apply(step, [x], template, ctx.comm, ctx.micro_batches or ctx.comm.size, params)
-            final = _broadcast_state(ends[:3 * n], n, mem.chunk_size, ctx.comm)
-        return out, CPLayerState(final)
+            out, end = ring_forward(self._mixer_forward, x, self.initial_state(x), pos0 + ctx.info.offset(),
+                                    ctx.comm, ctx.micro_batches or ctx.comm.size, params)
+            # rank P-1's end state is the sequence's: every rank gets its memory (one broadcast)
+            memory = _memory_of(end)
+            final = ctx.comm.broadcast_all(pytree.tree_leaves(memory), ctx.comm.size - 1)
+        return out, pytree.tree_unflatten(final, pytree.tree_structure(memory))
 
 
-def _broadcast_state(ts, n, chunk_size, comm: CPComm) -> MemoryState:
-    """Rank P-1's MemoryState tensors on every rank (one broadcast)."""
-    flat = comm.broadcast(torch.cat([t.reshape(-1) for t in ts]), comm.size - 1)
-    out, i = [], 0
-    for t in ts:
-        out.append(flat[i:i + t.numel()].view(t.shape))
-        i += t.numel()
-    return MemoryState(out[:n], out[n:2 * n], out[2 * n:], 0, chunk_size)
+_KINDS = {cls: kind for kind, cls in MIXER_CLASSES.items()}
+# Mixers that read their memory's pieces (not its forward) with inputs that depend on the
+# memory state: no scan function can split them, so they run whole as a ring.
+_RING_WHOLE = (MAC,)
 
 
-CP_CLASSES: dict[type, type] = {
-    SlidingWindow: CPSlidingWindow, SegmentAttention: CPSegmentAttention, FullAttention: CPFullAttention,
-    LMM: CPLMM, MAG: CPMAG, MAL: CPMAL, MAC: CPMAC,
-}
-_ORIGINAL = {v: k for k, v in CP_CLASSES.items()}
-_NAMES = {LMM: "lmm", MAG: "mag", MAL: "mal", MAC: "mac"}
+@functools.cache
+def _cp_class(mixer_cls: type) -> type:
+    """CP<Mixer>: the unit in front of the mixer's class (or of its Shard* version)."""
+    unit = CPRingMixer if mixer_cls in _RING_WHOLE else CPMixer
+    return type(f"CP{mixer_cls.__name__}", (unit, _SHARD.get(mixer_cls, mixer_cls)), {"_cp_original": mixer_cls})
 
 
 def layer_strategy(kind: str, strategy: str, depth: int, heads: int, cp: int) -> str:
@@ -248,13 +259,12 @@ def layer_strategy(kind: str, strategy: str, depth: int, heads: int, cp: int) ->
 
 def mixer_strategy(mixer: nn.Module, strategy: str, cp: int) -> str:
     """layer_strategy for a built mixer module (its heads read off its weights, so TP counts)."""
-    kind = _ORIGINAL.get(type(mixer), type(mixer))
-    if kind not in CP_CLASSES:
-        raise CPConfigError(f"mixer {kind.__name__} has no context-parallel version")
-    if kind not in _NAMES:
-        return layer_strategy("attention", strategy, 0, 0, cp)
-    mem = mixer.memory
-    return layer_strategy(_NAMES[kind], strategy, len(mem.init_weights), mem.init_weights[0].shape[0], cp)
+    cls = getattr(type(mixer), "_cp_original", type(mixer))
+    if cls not in _KINDS:
+        raise CPConfigError(f"mixer {cls.__name__} has no context-parallel version")
+    mem = getattr(mixer, "memory", None)
+    depth, heads = (len(mem.init_weights), mem.init_weights[0].shape[0]) if mem is not None else (0, 0)
+    return layer_strategy(_KINDS[cls], strategy, depth, heads, cp)
 
 
 def check_cp_config(cfg, cp: int, tp: int = 1, strategy: str = "auto", seq_len: int | None = None) -> list[str]:
@@ -295,17 +305,30 @@ def apply_context_parallel(model: nn.Module, cp_group=None, strategy: str = "aut
         comm = CPComm(cp_group)
     mixers = list(_mixers(model))
     chosen = [mixer_strategy(m, strategy, comm.size) for m in mixers]      # validate all first
+    remove_context_parallel(model)                                          # applying again replaces it
     for mixer, s in zip(mixers, chosen):
-        mixer.__class__ = CP_CLASSES[_ORIGINAL.get(type(mixer), type(mixer))]
-        mixer._cp = CPContext(comm, s, micro_batches)
+        ctx = CPContext(comm, s, micro_batches)
+        cls = type(mixer)
+        if cls not in _RING_WHOLE:                  # (a ring runs the mixer's modules as they are)
+            for module in mixer.modules():
+                if module is not mixer and type(module) in _SHARD:
+                    module.__class__ = _SHARD[type(module)]
+                    module._cp = ctx
+                    if isinstance(module, NeuralMemory):
+                        module.scan_fn = ctx.memory_scan
+        mixer.__class__ = _cp_class(cls)
+        mixer._cp = ctx
     return model
 
 
 def remove_context_parallel(model: nn.Module) -> nn.Module:
-    for mixer in _mixers(model):
-        if type(mixer) in _ORIGINAL:
-            mixer.__class__ = _ORIGINAL[type(mixer)]
-            del mixer._cp
+    for module in model.modules():
+        original = getattr(type(module), "_cp_original", None)
+        if original is not None:
+            module.__class__ = original
+            del module._cp
+            if isinstance(module, NeuralMemory):
+                module.scan_fn = None
     return model
 
 

@@ -181,6 +181,11 @@ class CPComm:
     def broadcast(self, t: torch.Tensor, src: int) -> torch.Tensor:
         return self._chain(_Broadcast, t, self, src, self._scope)
 
+    def broadcast_all(self, ts: list[torch.Tensor], src: int) -> list[torch.Tensor]:
+        """broadcast of several tensors of one dtype (the same shapes on every rank) as one message."""
+        flat = self.broadcast(torch.cat([t.reshape(-1) for t in ts]), src)
+        return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in ts]), ts)]
+
     def shift(self, send: torch.Tensor, recv_shape: tuple[int, ...]) -> torch.Tensor:
         """Send `send` to rank+1, receive a `recv_shape` tensor from rank-1 (rank 0 gets the
         empty tensor it asks for). Every rank of the group must call it at the same point;

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.utils._pytree as pytree
 from torch.autograd import Function
 
 from titans_scale.ops.memory import memory_scan
@@ -198,6 +199,25 @@ def ring_apply(fn: StepFn, inputs: list[torch.Tensor], state0: list[torch.Tensor
     return list(res[:len(res) - len(state0)]), list(res[len(res) - len(state0):])
 
 
+def ring_forward(forward, x: torch.Tensor, state0, pos0: int, comm: CPComm, micro_batches: int,
+                 params: list[torch.Tensor] = ()):
+    """A streaming forward(x, state, pos0) -> (out, state) over the CP group as a ring (a mixer
+    run whole): rank r resumes from the state rank r-1 ended with. The state travels as its
+    tensors (a torch pytree); its other fields (a memory's chunk position) are state0's and
+    must not change. pos0: this rank's first position. Returns (out, this rank's end state)."""
+    leaves, spec = pytree.tree_flatten(state0)
+
+    def step(xs, sts):
+        out, end = forward(xs[0], pytree.tree_unflatten(sts, spec), pos0)
+        ends, end_spec = pytree.tree_flatten(end)
+        if end_spec != spec:
+            raise RuntimeError(f"ring_forward: the state's structure changed from {spec} to {end_spec}")
+        return [out], ends
+
+    (out,), ends = ring_apply(step, [x], leaves, comm, micro_batches, params)
+    return out, pytree.tree_unflatten(ends, spec)
+
+
 def ring_memory_scan(q, k, v, theta, eta, alpha, state: MemoryState, comm: CPComm, info: ShardInfo,
                      impl: str = "auto", recompute_group: int | None = None, micro_batches: int | None = None):
     """The memory op as a ring over the CP group (any depth). Arguments as a2a_memory_scan;
@@ -216,11 +236,6 @@ def ring_memory_scan(q, k, v, theta, eta, alpha, state: MemoryState, comm: CPCom
     st0 = [flat(t.to(dt)) for t in state.tensors()]
     (y,), ends = ring_apply(step, ins, st0, comm, micro_batches or 2 * comm.size)
     # every rank gets the final state (it is rank P-1's end state): one broadcast, O(H |W|)
-    flat_end = torch.cat([e.reshape(-1) for e in ends])
-    flat_end = comm.broadcast(flat_end, comm.size - 1)
-    final, i = [], 0
-    for e in ends:
-        final.append(flat_end[i:i + e.numel()].view(B, H, *e.shape[2:]))
-        i += e.numel()
+    final = [e.view(B, H, *e.shape[2:]) for e in comm.broadcast_all(ends, comm.size - 1)]
     end = MemoryState(final[:n], final[n:2 * n], final[2 * n:], (state.position + info.total) % C, C)
     return y.view(B, H, Lr, -1), end
