@@ -11,10 +11,14 @@ from typing import Literal
 from titans_scale.config_io import load_config, sectioned
 from titans_scale.errors import ConfigError
 from titans_scale.model.config import ModelConfig
+from titans_scale.precision.recipe import AmaxComputeAlgo, Fp8Format, Fp8Scaling
+from titans_scale.precision.select import Fp8Backend, PrecisionName
 
 # CPU: auto (tcmalloc when installed, else glibc + retain_memory) | tcmalloc (required: an error
 # if missing) | glibc (never preload); titans_scale/train/allocator.py acts on it
 Allocator = Literal["auto", "tcmalloc", "glibc"]
+# auto picks per memory layer (parallel/context/apply.py); the exact ones: parallel/context/shard.py
+CPStrategy = Literal["auto", "a2a", "state_passing", "ring"]
 
 
 def _need(ok: bool, key: str, msg: str) -> None:
@@ -73,7 +77,7 @@ class TrainConfig:
     eval_batches: int = 8
     ckpt_every: int = 100
     keep_checkpoints: int = 2
-    precision: Literal["fp32", "bf16", "fp8"] = "fp32"
+    precision: PrecisionName = "fp32"
     max_bad_steps: int = 3            # consecutive non-finite steps before the run stops
     threads: int = 0                  # torch intra-op threads; 0 = torch's default
     retain_memory: bool = True        # CPU (glibc): keep freed memory for reuse, no page faults per step
@@ -90,11 +94,11 @@ class TrainConfig:
 @dataclass
 class Fp8Config:
     """FP8 recipe for train.precision = "fp8" (Transformer Engine's DelayedScaling fields)."""
-    backend: Literal["auto", "te", "emulated"] = "auto"      # auto: TE where it runs, else emulated
-    format: Literal["hybrid", "e4m3"] = "hybrid"             # hybrid: e4m3 forward, e5m2 gradients
-    scaling: Literal["delayed", "current"] = "delayed"
+    backend: Fp8Backend = "auto"
+    format: Fp8Format = "hybrid"
+    scaling: Fp8Scaling = "delayed"
     amax_history_len: int = 1024
-    amax_compute_algo: Literal["max", "most_recent"] = "max"
+    amax_compute_algo: AmaxComputeAlgo = "max"
     margin: int = 0
     include_head: bool = False        # the output head stays high precision unless asked
 
@@ -111,7 +115,7 @@ class ParallelConfig:
     zero_stage: Literal[1, 2, 3] = 1  # DeepSpeed ZeRO stage (engine = deepspeed)
     # auto: per memory layer (MAC -> ring, else a2a when the memory heads divide over cp, else
     # state_passing for depth 1, else ring); titans_scale/parallel/context/apply.py
-    cp_strategy: Literal["auto", "a2a", "state_passing", "ring"] = "auto"
+    cp_strategy: CPStrategy = "auto"
     microbatches: int = 1
 
 

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import Literal, get_args
+
 import torch
 
 from titans_scale.errors import ConfigError
@@ -36,9 +38,11 @@ E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max == TE Format.E4M3.max_f
 E5M2_MAX = 57344.0  # torch.finfo(torch.float8_e5m2).max == TE Format.E5M2.max_fwd
 FP32_MAX = torch.finfo(torch.float32).max
 
-FORMATS = ("hybrid", "e4m3")
-SCALINGS = ("delayed", "current")
-AMAX_COMPUTE_ALGOS = ("max", "most_recent")
+# The recipe's choices, named once: Fp8Config (config.py) types its fields with them.
+Fp8Format = Literal["hybrid", "e4m3"]             # hybrid: e4m3 forward, e5m2 gradients
+Fp8Scaling = Literal["delayed", "current"]
+AmaxComputeAlgo = Literal["max", "most_recent"]
+FORMATS, SCALINGS, AMAX_COMPUTE_ALGOS = get_args(Fp8Format), get_args(Fp8Scaling), get_args(AmaxComputeAlgo)
 
 
 def _is_int(value: object) -> bool:

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Literal, get_args
+
 import torch
 
 from titans_scale.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "bf16", "fp8")
-FP8_BACKENDS = ("auto", "te", "emulated")
+# Named once: TrainConfig.precision and Fp8Config.backend (config.py) are typed with them.
+PrecisionName = Literal["fp32", "bf16", "fp8"]
+Fp8Backend = Literal["auto", "te", "emulated"]     # auto: TE where it runs, else emulated
+PRECISIONS, FP8_BACKENDS = get_args(PrecisionName), get_args(Fp8Backend)
 MIN_FP8_CAPABILITY = (8, 9)  # Ada / Hopper and newer have FP8 tensor cores
 
 

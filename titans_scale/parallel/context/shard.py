@@ -15,7 +15,9 @@ The CP ops accept any split with non-empty shards: each call all-gathers the loc
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import get_args
 
+from titans_scale.config import CPStrategy
 from titans_scale.errors import ConfigError
 
 
@@ -23,7 +25,7 @@ class CPConfigError(ConfigError):
     """A context-parallel layout or strategy that cannot run; the message says why and the fix."""
 
 
-STRATEGIES = ("a2a", "state_passing", "ring")
+STRATEGIES = tuple(s for s in get_args(CPStrategy) if s != "auto")   # the exact strategies; "auto" picks one
 
 
 def shard_bounds(length: int, cp: int, multiple: int = 1) -> list[tuple[int, int]]:
