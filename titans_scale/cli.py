@@ -26,10 +26,10 @@ from titans_scale.errors import TitansError
 def _distributed_launch(cfg) -> bool:
     """torchrun sets WORLD_SIZE; a config asking for a parallel layout goes the same way (and is
     refused with one line if the world size does not fit it)."""
-    import os
+    from titans_scale.parallel.layout import world_size_from_env
 
     p = cfg.parallel
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or p.tp > 1 or p.pp > 1 or p.cp > 1
+    return world_size_from_env() > 1 or p.tp > 1 or p.pp > 1 or p.cp > 1
 
 
 def _cmd_train(args) -> int:
@@ -39,19 +39,17 @@ def _cmd_train(args) -> int:
     cfg = load_run_config(args.config, args.overrides)
     # CPU: re-run this command once on tcmalloc (train.allocator); only a command-line run can be re-run
     ensure_allocator(cfg.train.allocator, sys.argv[1:] if args.from_command_line else None)
+    layout = None
     if _distributed_launch(cfg):        # torchrun (WORLD_SIZE > 1) or a parallel layout
-        import os
-
-        from titans_scale.parallel.layout import plan_layout
-        plan_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))   # refuse before importing megatron
-        from titans_scale.train.distributed import train_distributed
-        step, last, main_rank = train_distributed(cfg, resume=not args.fresh)
-        if main_rank:
-            print(json.dumps({"step": step, **{k: round(v, 5) for k, v in last.items()}}))
-    else:
-        from titans_scale.train.trainer import Trainer
-        trainer = Trainer(cfg, resume=not args.fresh)
+        from titans_scale.parallel.layout import plan_layout, world_size_from_env
+        layout = plan_layout(cfg, world_size_from_env())   # refuse before importing megatron
+    from titans_scale.train.trainer import Trainer
+    trainer = Trainer(cfg, resume=not args.fresh, layout=layout)
+    try:
         last = trainer.run()
+    finally:
+        trainer.close()
+    if trainer.engine.is_writer:
         print(json.dumps({"step": trainer.step, **{k: round(v, 5) for k, v in last.items()}}))
     if last.get("preempted"):       # checkpointed on SIGUSR1/SIGTERM: rank 0 requeues our Slurm job
         from titans_scale.launcher.requeue import requeue_after_preemption

@@ -2,8 +2,8 @@
 
     torchrun --standalone --nproc_per_node=4 tests/convert/parallel_worker.py CONFIG LOGITS_OUT
 
-Trains the run config's steps with the real parallel trainer (DistributedTrainer: megatron TP x
-PP, ShardedCheckpointer writing the megatron dist_checkpointing layout), then runs the trained
+Trains the run config's steps with the real trainer on the parallel runtime (megatron TP x PP,
+ShardedCheckpointer writing the megatron dist_checkpointing layout), then runs the trained
 parallel model forward on a fixed batch and writes its logits, gathered over the vocabulary-
 parallel TP ranks of the last pipeline stage and cut to the real vocabulary, to LOGITS_OUT
 (rank 0 writes; [rows, seq, vocab], fp32) together with the batch.
@@ -26,13 +26,14 @@ def fixed_tokens(vocab: int, rows: int, seq: int) -> torch.Tensor:
 def main(config: str, out: str) -> None:
     from titans_scale.config import load_run_config
     from titans_scale.parallel.gather import _unwrap
+    from titans_scale.parallel.layout import plan_layout, world_size_from_env
     from titans_scale.parallel.state import destroy_parallel
-    from titans_scale.train.distributed import DistributedTrainer
+    from titans_scale.train.trainer import Trainer
 
     cfg = load_run_config(config)
-    trainer = DistributedTrainer(cfg, resume=False)
+    trainer = Trainer(cfg, resume=False, layout=plan_layout(cfg, world_size_from_env()))
     trainer.run()
-    rt = trainer.rt
+    rt = trainer.engine
     # Capture the last stage's logits [L, B, V_padded / tp] (after the padding mask).
     captured: list[torch.Tensor] = []
     stages = [_unwrap(c) for c in rt.engine.chunks]
@@ -47,7 +48,7 @@ def main(config: str, out: str) -> None:
             st._mask_padding = capture
     tokens = fixed_tokens(cfg.model.vocab_size, cfg.data.batch_size * rt.layout.dp, cfg.data.seq_len)
     x, y = rt.dp_slice(tokens[:, :-1]), rt.dp_slice(tokens[:, 1:])
-    rt.eval_loss(x, y)
+    rt.eval_loss([(x, y)])
     full = None
     if captured:                                    # last pipeline stage: gather over TP
         local = torch.cat(captured, dim=1)          # micro-batches along B

@@ -168,11 +168,11 @@ def test_trainer_resumes_a_converted_run(tmp_path):
     a, b = resumed
     assert a.step == b.step == 5 and a.data.state_dict() == b.data.state_dict()
     assert b.run_dir == tmp_path / "run2"
-    assert a.scheduler.state_dict() == b.scheduler.state_dict()
+    assert a.engine.scheduler.state_dict() == b.engine.scheduler.state_dict()
     assert torch.equal(rng[0], rng[1])
-    for (ka, va), (kb, vb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+    for (ka, va), (kb, vb) in zip(a.engine.model.state_dict().items(), b.engine.model.state_dict().items()):
         assert ka == kb and torch.equal(va, vb)
-    sa, sb = a.optimizer.state_dict(), b.optimizer.state_dict()
+    sa, sb = a.engine.optimizer.state_dict(), b.engine.optimizer.state_dict()
     assert sa["param_groups"] == sb["param_groups"]
     for pa, pb in zip(sa["state"].values(), sb["state"].values()):
         assert all(torch.equal(pa[k], pb[k]) for k in pa)

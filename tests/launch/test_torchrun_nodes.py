@@ -13,7 +13,7 @@ import pytest
 from tests.launch.micro import ENV, ROOT, TINY, events, losses, micro, prepare_shards
 from titans_scale.parallel.launch_utils import find_free_port
 
-DISTRIBUTED = importlib.util.find_spec("titans_scale.train.distributed") is not None
+DISTRIBUTED = importlib.util.find_spec("titans_scale.parallel.runtime") is not None
 STEPS = 30
 
 
@@ -23,7 +23,7 @@ def shards(tmp_path_factory):
 
 
 @pytest.mark.skipif(not DISTRIBUTED, reason="DP=2 needs the distributed training path "
-                    "(titans_scale/train/distributed.py), not in this tree yet")
+                    "(titans_scale/parallel/runtime.py), not in this tree yet")
 def test_two_nodes_with_c10d_rendezvous_train_dp2(tmp_path, shards):
     run = tmp_path / "run"
     endpoint = f"127.0.0.1:{find_free_port()}"

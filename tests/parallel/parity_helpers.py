@@ -49,7 +49,7 @@ def reference(layers: tuple[str, ...] = ALL_MIXERS) -> tuple[list[float], dict[s
     """One process, the single-device trainer's pieces: losses per step, grads of step 1."""
     from titans_scale.model import TitansLM
     from titans_scale.train.optim import build_optimizer, build_scheduler
-    from titans_scale.train.trainer import lm_loss
+    from titans_scale.train.evaluate import lm_loss
 
     cfg = make_cfg(layers=layers)
     torch.manual_seed(cfg.train.seed)

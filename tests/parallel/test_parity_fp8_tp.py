@@ -73,7 +73,7 @@ def reference(micro: int = 1) -> dict:
     from titans_scale.precision.apply import Precision
     from titans_scale.precision.fp8_emulation import reduce_and_update_fp8_meta
     from titans_scale.train.optim import build_optimizer, build_scheduler
-    from titans_scale.train.trainer import lm_loss
+    from titans_scale.train.evaluate import lm_loss
 
     cfg = fp8_cfg()
     torch.manual_seed(cfg.train.seed)

@@ -25,11 +25,11 @@ STEPS = 60
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
             "DEADLINE", "PREEMPTED"}
 # DP=2 needs the distributed training path (`titans-scale train` under torchrun with WORLD_SIZE=2).
-DISTRIBUTED = importlib.util.find_spec("titans_scale.train.distributed") is not None
+DISTRIBUTED = importlib.util.find_spec("titans_scale.parallel.runtime") is not None
 # The single-process trainer (one rank) under Slurm is marked slow: `make test-all` runs it, CI's
 # `-m "not slow"` keeps only the DP=2 jobs (about 100 s with Slurm already up).
 RANKS = [pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.skipif(
-    not DISTRIBUTED, reason="2 ranks need the distributed training path (titans_scale/train/distributed.py), "
+    not DISTRIBUTED, reason="2 ranks need the distributed training path (titans_scale/parallel/runtime.py), "
                             "not in this tree yet"))]
 
 

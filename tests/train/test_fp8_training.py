@@ -28,7 +28,7 @@ def test_fp8_emulated_tracks_bf16_over_300_steps(tmp_path):
     shards = tmp_path / "shards"
     _, bf16 = run(tmp_path, shards, "bf16", "bf16", 300)
     tr, fp8 = run(tmp_path, shards, "fp8", "fp8", 300)
-    assert any(isinstance(m, Fp8Linear) for m in tr.model.modules())
+    assert any(isinstance(m, Fp8Linear) for m in tr.engine.model.modules())
     # final loss: mean of the last logged windows, within 2%
     assert abs(sum(fp8[-3:]) - sum(bf16[-3:])) / sum(bf16[-3:]) < 0.02, (fp8[-3:], bf16[-3:])
     assert fp8[-1] < fp8[0] - 0.5
@@ -37,14 +37,14 @@ def test_fp8_emulated_tracks_bf16_over_300_steps(tmp_path):
 def test_fp8_training_runs_and_scales_are_checkpointed(tmp_path):
     shards = tmp_path / "shards"
     tr, losses = run(tmp_path, shards, "fp8", "fp8", 10, ["train.ckpt_every=5", "train.log_every=1"])
-    convs = [m for m in tr.model.modules() if isinstance(m, Fp8Linear)]
+    convs = [m for m in tr.engine.model.modules() if isinstance(m, Fp8Linear)]
     assert len(convs) >= 8 and all(torch.isfinite(x).all() for x in losses for x in [torch.tensor(x)])
-    scales = {n: b.clone() for n, b in tr.model.named_buffers() if n.endswith("fp8_scale")}
+    scales = {n: b.clone() for n, b in tr.engine.model.named_buffers() if n.endswith("fp8_scale")}
     assert any((s != 1).any() for s in scales.values())          # the recipe really updated scales
     # a second trainer resuming from step 10's checkpoint sees the same scales
     cfg = tr.cfg
     tr2 = Trainer(cfg, resume=True)
     assert tr2.step == 10
-    for n, b in tr2.model.named_buffers():
+    for n, b in tr2.engine.model.named_buffers():
         if n.endswith("fp8_scale"):
             assert torch.equal(b, scales[n]), n

@@ -76,7 +76,7 @@ def run_eval(cfg, model, args) -> dict:
     if args.suite in ("loss", "all"):
         from titans_scale.train.data import RunData
         from titans_scale.train.evaluate import perplexity
-        from titans_scale.train.trainer import evaluate_loss
+        from titans_scale.train.evaluate import evaluate_loss
 
         loss = evaluate_loss(model, RunData(cfg).val_loader(args.batches), model.precision.autocast)
         out["val_loss"], out["val_ppl"] = loss, perplexity(loss)

@@ -37,26 +37,28 @@ def default_extensions_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "build" / "torch_extensions"
 
 
+# DeepSpeed's mpu function -> megatron.core.parallel_state's function of the same meaning.
+_SAME_IN_MEGATRON = {name: name for name in (
+    "get_tensor_model_parallel_rank", "get_tensor_model_parallel_world_size", "get_tensor_model_parallel_group",
+    "get_tensor_model_parallel_src_rank", "get_pipeline_model_parallel_rank",
+    "get_pipeline_model_parallel_world_size", "get_pipeline_model_parallel_group", "get_data_parallel_rank",
+    "get_data_parallel_world_size", "get_data_parallel_group", "get_model_parallel_group")}
+_SAME_IN_MEGATRON["get_pipe_parallel_group"] = "get_pipeline_model_parallel_group"
+
+
 class MegatronMPU:
     """DeepSpeed's ``mpu`` interface over megatron.core.parallel_state.
 
     "Model parallel" is DeepSpeed's name for every non-data-parallel rank (TP x PP): its rank
     names checkpoint files, its group sums gradient norms. The tensor-parallel rank (which
-    replicated params count once) comes from get_tensor_model_parallel_rank.
+    replicated params count once) comes from get_tensor_model_parallel_rank. DeepSpeed probes
+    the functions it may call with hasattr: only the ones above and below exist.
     """
 
-    get_tensor_model_parallel_rank = staticmethod(ps.get_tensor_model_parallel_rank)
-    get_tensor_model_parallel_world_size = staticmethod(ps.get_tensor_model_parallel_world_size)
-    get_tensor_model_parallel_group = staticmethod(ps.get_tensor_model_parallel_group)
-    get_tensor_model_parallel_src_rank = staticmethod(ps.get_tensor_model_parallel_src_rank)
-    get_pipeline_model_parallel_rank = staticmethod(ps.get_pipeline_model_parallel_rank)
-    get_pipeline_model_parallel_world_size = staticmethod(ps.get_pipeline_model_parallel_world_size)
-    get_pipeline_model_parallel_group = staticmethod(ps.get_pipeline_model_parallel_group)
-    get_pipe_parallel_group = staticmethod(ps.get_pipeline_model_parallel_group)
-    get_data_parallel_rank = staticmethod(ps.get_data_parallel_rank)
-    get_data_parallel_world_size = staticmethod(ps.get_data_parallel_world_size)
-    get_data_parallel_group = staticmethod(ps.get_data_parallel_group)
-    get_model_parallel_group = staticmethod(ps.get_model_parallel_group)
+    def __getattr__(self, name: str):
+        if name in _SAME_IN_MEGATRON:
+            return getattr(ps, _SAME_IN_MEGATRON[name])
+        raise AttributeError(name)
 
     @staticmethod
     def get_model_parallel_rank() -> int:

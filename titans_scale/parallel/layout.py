@@ -9,13 +9,14 @@ first collective could hang.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from titans_scale.config import RunConfig
 from titans_scale.model.config import ATTENTION_MIXERS, MEMORY_MIXERS
 from titans_scale.parallel.state import ParallelConfigError
 
-__all__ = ["Layout", "plan_layout", "padded_vocab_size"]
+__all__ = ["Layout", "plan_layout", "padded_vocab_size", "world_size_from_env"]
 
 # Mixers that carry attention heads (everything but the memory-only LMM).
 _ATTENTION_HEADS = set(ATTENTION_MIXERS) | {"mac", "mag", "mal"}
@@ -49,6 +50,11 @@ class Layout:
         cp = f" x CP={self.cp}" if self.cp > 1 else ""
         return (f"TP={self.tp}{sp} x PP={self.pp}{vpp}{cp} x DP={self.dp} ({eng}), "
                 f"{self.microbatches} micro-batches of {self.micro_batch_size}")
+
+
+def world_size_from_env() -> int:
+    """The number of processes torchrun started (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def padded_vocab_size(vocab_size: int, tp: int) -> int:

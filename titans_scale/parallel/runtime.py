@@ -1,6 +1,7 @@
-"""Everything one rank needs for a distributed step: layout, groups, model chunks, engine.
+"""Everything one rank needs for a distributed step: layout, groups, model chunks, engine,
+sharded checkpoints. It is the training loop's engine under a parallel layout (train.engine.Engine).
 
-    rt = ParallelRuntime(cfg)                      # under torchrun (or run_distributed)
+    rt = ParallelRuntime(cfg, plan_layout(cfg, world_size))   # under torchrun (or run_distributed)
     loss, grad_norm, applied = rt.train_step(inputs, targets, lr)   # this DP rank's rows
 
 The order is fixed: the layout is checked before any process group exists (a refused layout
@@ -10,8 +11,7 @@ never hangs a collective), then megatron's groups, then the model chunks, then t
 from __future__ import annotations
 
 import math
-import os
-from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -20,29 +20,21 @@ from megatron.core import parallel_state as ps
 from titans_scale.config import RunConfig
 from titans_scale.model import TitansLM
 from titans_scale.parallel.build import build_chunks
-from titans_scale.parallel.layout import Layout, plan_layout
+from titans_scale.parallel.checkpoint import ShardedCheckpointer
+from titans_scale.parallel.layout import Layout, plan_layout, world_size_from_env
 from titans_scale.parallel.pipeline import run_schedule
-from titans_scale.parallel.state import ParallelInfo, init_parallel
+from titans_scale.parallel.state import ParallelInfo, destroy_parallel, init_parallel
+from titans_scale.parallel.step import StepResult
 from titans_scale.precision.apply import Precision
 
-__all__ = ["ParallelRuntime", "StepResult", "world_size_from_env"]
-
-
-def world_size_from_env() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-@dataclass
-class StepResult:
-    loss: float            # mean over the global batch (every rank gets it)
-    grad_norm: float       # global norm before clipping (nan when the step was skipped)
-    applied: bool          # False: non-finite loss, the optimizer step was skipped
+__all__ = ["ParallelRuntime"]
 
 
 class ParallelRuntime:
-    def __init__(self, cfg: RunConfig, world_size: int | None = None, model: TitansLM | None = None):
+    def __init__(self, cfg: RunConfig, layout: Layout | None = None, model: TitansLM | None = None):
+        """layout: the run's plan_layout (None: planned here for torchrun's world size)."""
         self.cfg = cfg
-        self.layout: Layout = plan_layout(cfg, world_size or world_size_from_env())
+        self.layout: Layout = layout or plan_layout(cfg, world_size_from_env())
         lay = self.layout
         self.info: ParallelInfo = init_parallel(tp=lay.tp, pp=lay.pp, cp=lay.cp,
                                                 vpp=lay.vpp if lay.vpp > 1 else None, seed=cfg.train.seed)
@@ -64,6 +56,9 @@ class ParallelRuntime:
         else:
             from titans_scale.parallel.deepspeed_engine import DeepSpeedEngine
             self.engine = DeepSpeedEngine(self.chunks, cfg, lay)
+        self.ckpt = ShardedCheckpointer(cfg.train.run_dir, self.engine, lay, keep=cfg.train.keep_checkpoints)
+        self.is_writer = dist.get_rank() == 0
+        self.dp_size, self.world_size = lay.dp, lay.world_size
 
     # -- batches ----------------------------------------------------------------------------
     @property
@@ -121,8 +116,13 @@ class ParallelRuntime:
         applied, grad_norm = self.engine.step(lr)
         return StepResult(loss, grad_norm, applied)
 
+    def eval_loss(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        """Mean held-out loss over `batches` (this DP rank's rows of each global batch)."""
+        losses = [self._eval_batch(x, y) for x, y in batches]
+        return sum(losses) / max(1, len(losses))
+
     @torch.no_grad()
-    def eval_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+    def _eval_batch(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
         chunks = self.engine.chunks
         for c in chunks:
             _module(c).eval()
@@ -134,6 +134,31 @@ class ParallelRuntime:
             for c in chunks:
                 _module(c).train()
         return self._global_mean(losses)
+
+    # -- the rest of train.engine.Engine ----------------------------------------------------
+    def summary(self) -> dict:
+        return {"layout": self.layout.describe()}
+
+    def latest(self) -> Path | None:
+        return self.ckpt.latest()
+
+    def save(self, step: int, extra_state: dict) -> Path:
+        return self.ckpt.save(step, extra_state)
+
+    def load(self, folder: Path) -> dict:
+        """Model + optimizer resharded into this layout; returns the saved extra_state."""
+        return self.ckpt.load(folder)
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def any_rank(self, flag: bool) -> bool:
+        t = torch.tensor([int(flag)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def close(self) -> None:
+        destroy_parallel()
 
 
 def _module(chunk):

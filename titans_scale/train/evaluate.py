@@ -6,12 +6,32 @@ on, so the sequence length is bounded by time, not by activation memory.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from titans_scale.data.synthetic import RecallSample
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy in fp32: the training objective and the held-out loss."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+@torch.no_grad()
+def evaluate_loss(model, batches, autocast=contextlib.nullcontext) -> float:
+    was = model.training
+    model.eval()
+    total = 0.0
+    for inputs, targets in batches:
+        with autocast():
+            logits, _ = model(inputs)
+        total += lm_loss(logits, targets).item()
+    model.train(was)
+    return total / max(1, len(batches))
 
 
 @torch.no_grad()

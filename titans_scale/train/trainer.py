@@ -1,10 +1,17 @@
-"""The training loop on one process: AdamW, warmup+cosine, clipping, progress/MFU, metrics,
-atomic checkpoints and exact resume. Parallel layouts wrap this same loop (titans_scale.parallel).
+"""The training loop, for one process or a parallel layout under torchrun: warmup + cosine
+schedule, non-finite steps skipped, progress/MFU, metrics, eval, preemption checkpoints and
+exact resume. The step, the model and the checkpoint format are the engine's (train/engine.py):
+LocalEngine on one process, parallel.runtime.ParallelRuntime for a planned Layout.
+
+    torchrun --nproc_per_node=4 -m titans_scale.cli train --config configs/parallel/tp2_pp2.toml
+
+Under a layout every data-parallel rank reads its block of the same global batch the
+single-process loader would produce, so a run resumed under another layout (same global batch)
+continues the same loss curve.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -13,42 +20,25 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from titans_scale.config import RunConfig
 from titans_scale.config_io import dump_toml
+from titans_scale.data.shards import prepare_corpus
+from titans_scale.data.tokenizer import load_tokenizer
 from titans_scale.errors import TitansError
 from titans_scale.flops import model_flops_per_token
-from titans_scale.model import TitansLM
-from titans_scale.precision.apply import Precision
-from titans_scale.train.checkpoint import CheckpointManager
-from titans_scale.train.data import RunData
+from titans_scale.parallel.layout import Layout
+from titans_scale.train.data import RunData, sources_of
+from titans_scale.train.engine import Engine, LocalEngine
 from titans_scale.train.hardware import configure_host, measured_matmul_flops, peak_rss_bytes
 from titans_scale.train.metrics import MetricsLogger
-from titans_scale.train.optim import build_optimizer, build_scheduler
+from titans_scale.train.optim import lr_lambda
 
 log = logging.getLogger("titans_scale.train")
 
 
 class TrainingStopped(TitansError):
     """The run stopped on purpose (too many non-finite steps); the last good checkpoint is intact."""
-
-
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-
-
-@torch.no_grad()
-def evaluate_loss(model, batches, autocast=contextlib.nullcontext) -> float:
-    was = model.training
-    model.eval()
-    total = 0.0
-    for inputs, targets in batches:
-        with autocast():
-            logits, _ = model(inputs)
-        total += lm_loss(logits, targets).item()
-    model.train(was)
-    return total / max(1, len(batches))
 
 
 class PreemptionGuard:
@@ -79,74 +69,73 @@ class PreemptionGuard:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, resume: bool = False):
+    """The loop around an engine. `layout` (parallel.layout.plan_layout's, planned once by the
+    caller) selects the parallel runtime; None trains on this one process."""
+
+    def __init__(self, cfg: RunConfig, resume: bool = False, layout: Layout | None = None):
         self.cfg = cfg.validate()
         t = cfg.train
         self.allocator = configure_host(t)
-        torch.manual_seed(t.seed)
+        self.engine: Engine = _engine(cfg, layout)
         self.run_dir = Path(t.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.data = RunData(cfg)
-        self.model = TitansLM(cfg.model)
-        self.precision = Precision(self.model, cfg)      # before the optimizer: TE makes new params
-        self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, t.steps)
-        self.ckpt = CheckpointManager(self.run_dir, keep=t.keep_checkpoints)
+        if self.engine.is_writer:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.engine.world_size > 1:      # prepare the shards once; the other ranks then only read them
+            if self.engine.is_writer:
+                d = cfg.data
+                prepare_corpus(d.shard_dir, load_tokenizer(d.tokenizer), sources_of(d.source), max_bytes=d.max_bytes)
+            self.engine.barrier()
+        self.data = RunData(cfg, rank=self.engine.dp_rank, world_size=self.engine.dp_size)
+        self.lr_at = lr_lambda(cfg.optim, t.steps)
         self.step, self.bad_in_row = 0, 0
         if resume:
             self._resume()
-        (self.run_dir / "config.toml").write_text(dump_toml(cfg))
-        self.metrics = MetricsLogger(self.run_dir, tensorboard=t.tensorboard)
+        if self.engine.is_writer:
+            (self.run_dir / "config.toml").write_text(dump_toml(cfg))
+        self.metrics = MetricsLogger(self.run_dir, tensorboard=t.tensorboard, enabled=self.engine.is_writer)
         self.val_batches = self.data.val_loader(t.eval_batches)
         self.flops_per_token = model_flops_per_token(cfg.model, cfg.data.seq_len)
 
     # -- checkpoints ------------------------------------------------------------------------
     def trainer_state(self) -> dict:
-        return {"step": self.step, "bad_in_row": self.bad_in_row, "scheduler": self.scheduler.state_dict(),
-                "data": self.data.state_dict(), "rng_cpu": torch.get_rng_state(),
+        return {"step": self.step, "bad_in_row": self.bad_in_row, "data": self.data.state_dict(),
                 "tokenizer": self.data.tokenizer.fingerprint()}
 
     def save(self) -> Path:
-        return self.ckpt.save(self.step, self.model, self.optimizer, self.trainer_state())
+        return self.engine.save(self.step, self.trainer_state())
 
     def _resume(self) -> None:
-        folder = self.ckpt.latest()
+        folder = self.engine.latest()
         if folder is None:
-            log.info("no checkpoint in %s: starting afresh", self.ckpt.dir)
+            if self.engine.is_writer:
+                log.info("no checkpoint in %s: starting afresh", self.run_dir / "checkpoints")
             return
-        st = self.ckpt.load(folder, self.model, self.optimizer)
+        st = self.engine.load(folder)
         if st.get("tokenizer") != self.data.tokenizer.fingerprint():
             raise TitansError(f"checkpoint '{folder}' was trained with tokenizer {st.get('tokenizer')!r}, "
                               f"this run uses {self.data.tokenizer.fingerprint()!r}; use the same data.tokenizer")
         self.step, self.bad_in_row = int(st["step"]), int(st["bad_in_row"])
-        self.scheduler.load_state_dict(st["scheduler"])
         self.data.load_state_dict(st["data"])
-        torch.set_rng_state(st["rng_cpu"])
-        log.info("resumed from %s at step %d", folder, self.step)
+        if self.engine.is_writer:
+            log.info("resumed from %s at step %d", folder, self.step)
 
-    # -- one step ---------------------------------------------------------------------------
-    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
-        with self.precision.autocast():
-            logits, _ = self.model(inputs)
-        loss = lm_loss(logits, targets)
-        if torch.isfinite(loss):
-            loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
-        else:
-            gnorm = torch.tensor(float("nan"))
-        return loss.item(), gnorm.item()
+    # -- the loop ---------------------------------------------------------------------------
+    def lr(self) -> float:
+        """The learning rate of the step after `self.step` steps (warmup + cosine)."""
+        return self.cfg.optim.lr * self.lr_at(self.step)
 
     def run(self) -> dict:
-        cfg, t = self.cfg, self.cfg.train
-        rate = measured_matmul_flops()
-        tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-        unigram = self.data.unigram_entropy()
-        self.metrics.log("start", self.step, params=self.model.num_params(), matmul_flops=rate,
-                         flops_per_token=self.flops_per_token, unigram_loss=unigram, allocator=self.allocator)
-        log.info("%.2fM parameters | %.1f MFLOP/token | fp32 matmul %.1f GFLOP/s | unigram baseline "
-                 "loss %.3f | %d threads | allocator %s", self.model.num_params() / 1e6, self.flops_per_token / 1e6,
-                 rate / 1e9, unigram, torch.get_num_threads(), self.allocator)
-        bar = _progress(t.progress, self.step, t.steps)
+        cfg, t, eng = self.cfg, self.cfg.train, self.engine
+        rate = measured_matmul_flops() * eng.world_size
+        tokens_per_step = cfg.data.batch_size * eng.dp_size * cfg.data.seq_len
+        if eng.is_writer:
+            unigram = self.data.unigram_entropy()
+            self.metrics.log("start", self.step, **eng.summary(), matmul_flops=rate,
+                             flops_per_token=self.flops_per_token, unigram_loss=unigram, allocator=self.allocator)
+            log.info("%s | %.1f MFLOP/token | fp32 matmul %.1f GFLOP/s | unigram baseline loss %.3f | "
+                     "%d threads | allocator %s", " | ".join(f"{k} {v}" for k, v in eng.summary().items()),
+                     self.flops_per_token / 1e6, rate / 1e9, unigram, torch.get_num_threads(), self.allocator)
+        bar = _progress(t.progress and eng.is_writer, self.step, t.steps)
         with PreemptionGuard() as guard:
             last = self._loop(guard, bar, rate, tokens_per_step)
         if bar is not None:
@@ -154,52 +143,62 @@ class Trainer:
         self.metrics.close()
         return last
 
+    def close(self) -> None:
+        """Release the engine (a parallel runtime's process groups)."""
+        self.engine.close()
+
     def _loop(self, guard: PreemptionGuard, bar, rate: float, tokens_per_step: int) -> dict:
-        t = self.cfg.train
+        t, eng = self.cfg.train, self.engine
         last: dict = {}
         window_t, window_tokens = time.perf_counter(), 0
         while self.step < t.steps:
             inputs, targets = self.data.next_batch(self.step)
-            loss, gnorm = self.train_step(inputs, targets)
-            if math.isfinite(loss) and math.isfinite(gnorm):
-                self.optimizer.step()
+            r = eng.train_step(inputs, targets, self.lr())
+            if r.applied and math.isfinite(r.grad_norm):
                 self.bad_in_row = 0
             else:
                 self.bad_in_row += 1
-                self.metrics.log("skipped", self.step + 1, loss=loss, grad_norm=gnorm)
-                log.warning("step %d: non-finite loss/gradient (loss=%s, grad_norm=%s): step skipped",
-                            self.step + 1, loss, gnorm)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scheduler.step()
+                self.metrics.log("skipped", self.step + 1, loss=r.loss, grad_norm=r.grad_norm)
+                if eng.is_writer:
+                    log.warning("step %d: non-finite loss/gradient (loss=%s, grad_norm=%s): step skipped",
+                                self.step + 1, r.loss, r.grad_norm)
             self.step += 1
             window_tokens += tokens_per_step
             if self.bad_in_row >= t.max_bad_steps:
-                latest = self.ckpt.latest()
                 raise TrainingStopped(
                     f"{self.bad_in_row} non-finite steps in a row at step {self.step}: stopping. "
-                    f"Last good checkpoint: {latest or 'none'}; lower optim.lr or model.max_lr and resume")
+                    f"Last good checkpoint: {eng.latest() or 'none'}; lower optim.lr or model.max_lr and resume")
             if self.step % t.log_every == 0 or self.step == t.steps:
                 dt = time.perf_counter() - window_t
                 tps = window_tokens / dt
-                last = {"loss": loss, "grad_norm": gnorm, "lr": self.scheduler.get_last_lr()[0],
-                        "tokens_per_s": tps, "mfu": tps * self.flops_per_token / rate,
-                        "peak_rss_gb": peak_rss_bytes() / 2**30}
+                last = {"loss": r.loss, "grad_norm": r.grad_norm, "lr": self.lr(), "tokens_per_s": tps,
+                        "mfu": tps * self.flops_per_token / rate, "peak_rss_gb": peak_rss_bytes() / 2**30}
                 self.metrics.log("train", self.step, **last)
-                _update(bar, self.step, last)
+                if eng.is_writer:
+                    _update(bar, self.step, last)
                 window_t, window_tokens = time.perf_counter(), 0
             if self.step % t.eval_every == 0 or self.step == t.steps:
-                vl = evaluate_loss(self.model, self.val_batches, self.precision.autocast)
+                vl = eng.eval_loss(self.val_batches)
                 last["val_loss"] = vl
                 self.metrics.log("eval", self.step, val_loss=vl, val_ppl=math.exp(min(vl, 50)))
-            if guard.received is not None:
+            # Any rank's signal stops every rank after the same step (a collective decision).
+            if eng.any_rank(guard.received is not None):
                 path = self.save()
-                self.metrics.log("preempted", self.step, signal=int(guard.received), checkpoint=str(path))
-                log.warning("signal %d: checkpoint %s written at step %d; exiting to be resumed",
-                            guard.received, path, self.step)
+                self.metrics.log("preempted", self.step, signal=int(guard.received or 0), checkpoint=str(path))
+                if eng.is_writer:
+                    log.warning("signal %s: checkpoint %s written at step %d; exiting to be resumed",
+                                guard.received, path, self.step)
                 return {**last, "preempted": 1.0}
             if self.step % t.ckpt_every == 0 or self.step == t.steps:
                 self.save()
         return last
+
+
+def _engine(cfg: RunConfig, layout: Layout | None) -> Engine:
+    if layout is None:
+        return LocalEngine(cfg)
+    from titans_scale.parallel.runtime import ParallelRuntime    # megatron: only for a layout
+    return ParallelRuntime(cfg, layout)
 
 
 def _progress(enabled: bool, start: int, total: int):
