@@ -108,7 +108,7 @@ def test_bad_config_names_the_field(kw, field):
 
 
 def test_gate_initialisation_keeps_memory_long():
-    """DESIGN.md 3: at init the memory keeps most of what it stores over thousands of tokens
+    """docs/design.md section 3: at init the memory keeps most of what it stores over thousands of tokens
     and the inner step is bounded, so a 1k-token sequence neither forgets nor blows up."""
     model = tiny_model("lmm")
     mem = model.blocks["0"].mixer.memory

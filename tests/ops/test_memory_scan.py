@@ -1,5 +1,5 @@
 """The fast memory ops (chunked: autograd through the chunk step; fused: the same step with a
-hand-written backward) equal the float64 per-token reference (DESIGN.md section 3)."""
+hand-written backward) equal the float64 per-token reference (docs/design.md section 3)."""
 
 import pytest
 import torch

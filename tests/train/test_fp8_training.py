@@ -1,4 +1,4 @@
-"""Emulated FP8 training (DESIGN.md section 7) tracks bf16: same seed, 300 steps, final loss
+"""Emulated FP8 training (docs/design.md section 7) tracks bf16: same seed, 300 steps, final loss
 within 2%; the FP8 scales land in the checkpoint and a resumed run continues exactly."""
 
 import pytest

@@ -16,7 +16,7 @@ squared error), norm_eps = float32 eps, and one output gate per head:
     with eps = finfo(dtype).eps: equal up to that epsilon guard (relative d*eps/(2||x||^2)).
 What does not: *when* a token reads. titans-pytorch pads the read one token, so token t reads
 the weights after its own write (at chunk_size=1, y_t = M_t(q_t)); ours reads the chunk-start
-weights (DESIGN.md 3: y_t = M_{c}(q_t), never its own write). No option of theirs changes
+weights (docs/design.md section 3: y_t = M_{c}(q_t), never its own write). No option of theirs changes
 that, so no configuration gives the same layer outputs: a conversion therefore needs
 accept_read_offset=True, and says what it maps. Their other options (chunk_size > 1: one
 summed gradient per chunk, gates averaged per chunk; deep memories with/without their
@@ -44,7 +44,7 @@ EPS32 = torch.finfo(torch.float32).eps
 
 READ_OFFSET = (
     "titans-pytorch reads the memory after each token's own write (y_t = M_t(q_t)); titans-scale reads "
-    "the chunk-start weights (y_t = M_c(q_t), DESIGN.md 3). After conversion the memory update and the "
+    "the chunk-start weights (y_t = M_c(q_t), docs/design.md section 3). After conversion the memory update and the "
     "read of a given memory state are the same functions, but the layer outputs differ; pass "
     "accept_read_offset=True (--accept-read-offset) to convert the parameters anyway")
 

@@ -1,6 +1,6 @@
 """Attention with persistent-memory prefix: sliding window, segment (MAC) and full causal.
 
-Persistent tokens (DESIGN.md section 4) are learned input-independent tokens whose keys and
+Persistent tokens (docs/design.md section 4) are learned input-independent tokens whose keys and
 values every query sees, whatever its window; they carry no position (no RoPE).
 Head counts are read off the weight shapes, so tensor parallelism can shrink them from outside.
 """
@@ -91,7 +91,7 @@ def causal_attention(q, k, v, pk=None, pv=None):
 def segment_attention(q, k, v, segment: int, pk=None, pv=None, hk=None, hv=None):
     """Causal attention inside segments of `segment` tokens, counted from q's first token
     (q, k, v all [B, h, L, dh]; a partial last segment is allowed). With hk/hv (MAC), each
-    query i also sees its segment's retrieved memory tokens h_j, j <= i (DESIGN.md 4)."""
+    query i also sees its segment's retrieved memory tokens h_j, j <= i (docs/design.md section 4)."""
     B, h, L, dh = q.shape
     full = (L // segment) * segment
     if 0 < full < L:                                 # full segments, then the partial one

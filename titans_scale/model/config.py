@@ -27,7 +27,7 @@ class ModelConfig:
     n_heads: int = 4                      # attention heads
     layers: list[Mixer] = field(default_factory=lambda: ["swa", "mag", "swa", "mag"])
     mlp_hidden: int = 0                   # SwiGLU width; 0 = 8/3 * d_model rounded up to 32
-    # neural memory (DESIGN.md section 3)
+    # neural memory (docs/design.md section 3)
     mem_heads: int = 0                    # 0 = n_heads
     mem_depth: int = 2
     mem_expansion: int = 4
@@ -35,7 +35,7 @@ class ModelConfig:
     max_lr: float = 0.01                  # bound on the inner learning rate theta
     conv_kernel: int = 4
     recompute_group: int = 0              # memory op keeps one state per g chunks in backward (0 = all)
-    # attention (DESIGN.md section 4)
+    # attention (docs/design.md section 4)
     window: int = 128                     # sliding window (swa, mag, mal), tokens seen incl. self
     segment_len: int = 128                # mac / seg segment length, a multiple of chunk_size
     n_persistent: int = 4

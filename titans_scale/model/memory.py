@@ -1,4 +1,4 @@
-"""The neural long-term memory layer (DESIGN.md section 3; paper Sec. 3.1).
+"""The neural long-term memory layer (docs/design.md section 3; paper Sec. 3.1).
 
 Projections -> causal depthwise conv -> SiLU -> heads, q/k L2-normalised; data-dependent
 gates theta (inner lr), eta (momentum), alpha (forgetting); learned initial weights W^0;
@@ -75,7 +75,7 @@ class NeuralMemory(nn.Module):
     @torch.no_grad()
     def reset_gates(self, std: float) -> None:
         """Gates start so the memory keeps what it stores over thousands of tokens and the
-        inner step stays small (DESIGN.md 3): alpha = 1e-4 per token (78% of a stored value
+        inner step stays small (docs/design.md section 3): alpha = 1e-4 per token (78% of a stored value
         survives 2048 tokens of forgetting; alpha = e^-5 would keep 1e-6 of it), eta = 0.9,
         theta = max_lr * sigmoid(-2). Inside a chunk every gradient is taken at W_c and the
         momentum sums them, so one chunk moves W by about theta * C / (1 - eta) times a

@@ -1,4 +1,4 @@
-"""The token mixers of a Titans block (DESIGN.md section 4; paper Sec. 4).
+"""The token mixers of a Titans block (docs/design.md section 4; paper Sec. 4).
 
 Every mixer maps (x, state, pos0) -> (out, state): x [B, L, D] are normalised inputs whose
 first token sits at absolute position pos0; the state lets a long document be fed in pieces

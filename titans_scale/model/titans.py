@@ -1,6 +1,6 @@
 """TitansLM: a stack of pre-norm residual blocks whose mixers the config's layer pattern picks.
 
-    x += mixer(RMSNorm(x));  x += SwiGLU(RMSNorm(x))          (DESIGN.md section 4)
+    x += mixer(RMSNorm(x));  x += SwiGLU(RMSNorm(x))          (docs/design.md section 4)
 
 forward(tokens, state) -> (logits, state): pass the returned state back with the next piece
 of a document and the outputs equal one call on the whole document.

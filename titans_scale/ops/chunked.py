@@ -1,7 +1,7 @@
 """Chunked memory update: matmul formulas per chunk, a Python loop over chunks only.
 
 Inside a chunk every gradient is taken at the chunk-start weights W_c, so the token loop
-of DESIGN.md section 3 unrolls in closed form. With b(i, j) = prod_{i<m<=j} eta_m and
+of docs/design.md section 3 unrolls in closed form. With b(i, j) = prod_{i<m<=j} eta_m and
 a(j) = prod_{j<m<n} (1 - alpha_m) over the n tokens of the piece:
 
     S_end = P S_0 - sum_i theta_i b(i, n-1) u_i                       P = prod_m eta_m

@@ -1,6 +1,6 @@
 """The memory model f_W and the explicit per-token gradient of its associative loss.
 
-DESIGN.md section 3: depth 1 is f(k) = k @ W; depth >= 2 is
+docs/design.md section 3: depth 1 is f(k) = k @ W; depth >= 2 is
 f(k) = k + gelu(...gelu(k @ W1) @ W2 ...) @ WL with exact (erf) GELU.
 Weights are lists of [B, H, in, out] tensors; activations are [B, H, n, d].
 """

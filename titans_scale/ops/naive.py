@@ -1,4 +1,4 @@
-"""The reference: DESIGN.md section 3 applied one token at a time.
+"""The reference: docs/design.md section 3 applied one token at a time.
 
 Slow and plain on purpose. Tests run it in float64 and compare every fast path with it.
 The per-token gradient is taken with autograd here (create_graph=True, so the outer loss

@@ -55,7 +55,7 @@ pytree.register_pytree_node(
 
 
 def state_dtype(x: torch.Tensor) -> torch.dtype:
-    """The memory state and its accumulations are fp32 at least (DESIGN.md section 7)."""
+    """The memory state and its accumulations are fp32 at least (docs/design.md section 7)."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 

@@ -1,4 +1,4 @@
-"""Parallelism for TitansLM, applied from outside the model (DESIGN.md section 6).
+"""Parallelism for TitansLM, applied from outside the model (docs/design.md section 6).
 
 layout (checks) -> state (process groups) -> build / tensor_parallel / stage / pipeline (model
 chunks) -> megatron_engine | deepspeed_engine (data parallel, optimizer) -> runtime (a step)

@@ -14,7 +14,7 @@ from titans_scale.precision.recipe import Fp8Recipe
 from titans_scale.precision.select import PrecisionPlan, resolve_precision
 from titans_scale.precision.te_backend import convert_linears_to_te, te_fp8_autocast
 
-# The large projections (DESIGN.md section 7). Gates (3 outputs per head) are too small to
+# The large projections (docs/design.md section 7). Gates (3 outputs per head) are too small to
 # gain anything and need their precision; the memory state and update are never FP8.
 FP8_LAYERS = ("attn.qkv", "attn.out", "memory.qkv", "memory.out", "memory.out_gate",
               "ffn.w_gate", "ffn.w_up", "ffn.w_down")
