@@ -116,15 +116,17 @@ def _arch(device: torch.device) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _device_plan(shape: Shape, arch: int) -> tuple[dict, str | None]:
-    """Tiles per launch on sm_<arch>, or why nothing fits (logged once per shape)."""
-    choices = plan.plan(shape, arch, recompute=True)
-    failed = [c.reason for c in choices if not c.ok]
-    if failed:
-        log.warning("impl='triton' cannot run %s on sm_%d: %s; impl='auto' runs 'fused' instead",
-                    shape, arch, "; ".join(failed))
-        return {}, "; ".join(failed)
-    fwd, fwd_recompute, bwd = (c.tiles for c in choices)
-    return dict(fwd=fwd, fwd_recompute=fwd_recompute, bwd=bwd), None
+    """Tiles per launch on sm_<arch>, or why nothing fits (logged once per shape). The
+    backward, the largest kernel, is tried first: a shape it refuses needs no more compiles."""
+    tiles = {}
+    for key, kind, write_y in (("bwd", "bwd", True), ("fwd", "fwd", True), ("fwd_recompute", "fwd", False)):
+        choice = plan.choose(shape, kind, arch, write_y)
+        if not choice.ok:
+            log.warning("impl='triton' cannot run %s on sm_%d: %s; impl='auto' runs 'fused' instead",
+                        shape, arch, choice.reason)
+            return {}, choice.reason
+        tiles[key] = choice.tiles
+    return tiles, None
 
 
 def unsupported(q: torch.Tensor, state: MemoryState) -> str | None:

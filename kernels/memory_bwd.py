@@ -210,11 +210,13 @@ def _bwd_mlp2(
             dgh = cs * tl.dot(k, dS1, input_precision=PRECISION) + cw * tl.dot(k, dW1, input_precision=PRECISION)
             de2 = dgh * gp
             # d z: from the layer-2 factor (left = z) and from err = k + z W2 - v
-            dz = cs * tl.dot(err, tl.trans(dS2), input_precision=PRECISION) + cw * tl.dot(err, tl.trans(dW2), input_precision=PRECISION)
+            dz = cs * tl.dot(err, tl.trans(dS2), input_precision=PRECISION)
+            dz += cw * tl.dot(err, tl.trans(dW2), input_precision=PRECISION)
             dz += tl.dot(derr, tl.trans(W2), input_precision=PRECISION)
             dhk = dz * gp + dgh * e2 * gelu_grad2(hk)
             # d k: from the layer-1 factor (left = k) and through h = k W1
-            dk += cs * tl.dot(gh, tl.trans(dS1), input_precision=PRECISION) + cw * tl.dot(gh, tl.trans(dW1), input_precision=PRECISION)
+            dk += cs * tl.dot(gh, tl.trans(dS1), input_precision=PRECISION)
+            dk += cw * tl.dot(gh, tl.trans(dW1), input_precision=PRECISION)
             dk += tl.dot(dhk, tl.trans(W1), input_precision=PRECISION)
             dW1c = tl.dot(kt, dhk, input_precision=PRECISION)
             dW2c = tl.dot(tl.trans(zk), derr, input_precision=PRECISION)
@@ -250,7 +252,8 @@ def _bwd_mlp2(
             dW1 = tl.load(dw1_ptr + bh * W_SIZE + o1, mask=m1, other=0.0)
             dW2 = tl.load(dw2_ptr + bh * W_SIZE + o2, mask=m2, other=0.0)
             tl.store(dw1_ptr + bh * W_SIZE + o1, dW1 + tl.dot(tl.trans(q), dhq, input_precision=PRECISION), mask=m1)
-            tl.store(dw2_ptr + bh * W_SIZE + o2, dW2 + tl.dot(tl.trans(gelu(hq)), dy, input_precision=PRECISION), mask=m2)
+            dW2 += tl.dot(tl.trans(gelu(hq)), dy, input_precision=PRECISION)
+            tl.store(dw2_ptr + bh * W_SIZE + o2, dW2, mask=m2)
         _store_rows(dq_ptr, dq, bh, T, tok, rd, mc, md, D)
         _store_rows(dv_ptr, -derr, bh, T, tok, rd, mc, md, D)
         tl.store(dcs_ptr + cidx, dcs, mask=mc)

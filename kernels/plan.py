@@ -18,9 +18,6 @@ from . import aot
 from .memory_bwd import _bwd_linear, _bwd_mlp2
 from .memory_fwd import _fwd_linear, _fwd_mlp2
 
-DTYPES = ("fp32", "bf16", "fp16")
-
-
 @dataclass(frozen=True)
 class Shape:
     depth: int             # 1 (linear) or 2
@@ -90,8 +87,6 @@ def pointer_dtypes(shape: Shape) -> dict:
 @dataclass(frozen=True)
 class Choice:
     name: str                          # kernel name, "+recompute" for the forward without reads
-    kind: str
-    write_y: bool
     tiles: Tiles | None                # None: nothing fits, the dispatcher falls back
     shared: int | None                 # bytes per block of the chosen tiles (or the smallest tried)
     resources: aot.Resources | None = None   # from the full compile (compile=True)
@@ -114,18 +109,18 @@ def choose(shape: Shape, kind: str, arch: int, write_y: bool = True, compile: bo
         try:
             shared = aot.shared_memory(*args)
         except aot.CompilationFailed as e:
-            return Choice(name, kind, write_y, None, None, reason=str(e))
+            return Choice(name, None, None, reason=str(e))
         smallest = shared if smallest is None else min(smallest, shared)
         if shared > limit:
             continue
         if not compile:
-            return Choice(name, kind, write_y, tiles, shared)
+            return Choice(name, tiles, shared)
         try:
             res = aot.compiled(*args)
         except aot.CompilationFailed as e:
-            return Choice(name, kind, write_y, tiles, shared, reason=str(e))
-        return Choice(name, kind, write_y, tiles, res.shared, res)
-    return Choice(name, kind, write_y, None, smallest,
+            return Choice(name, tiles, shared, reason=str(e))
+        return Choice(name, tiles, res.shared, res)
+    return Choice(name, None, smallest,
                   reason=f"{name} needs {smallest:,} B of shared memory at its smallest tiling, "
                          f"sm_{arch} has {limit:,} B per block")
 
