@@ -83,7 +83,8 @@ def test_dispatcher_falls_back_once_with_a_reason():
     """A shape nothing fits: the dispatcher's plan says why, and logs it once per shape."""
     script = """
 import logging
-from titans_scale.kernels import memory as km, plan
+from titans_scale.kernels import plan
+from titans_scale.ops import triton_scan as km
 records = []
 logging.getLogger(km.__name__).addHandler(logging.Handler())
 logging.getLogger(km.__name__).handlers[-1].emit = records.append

@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from titans_scale.kernels import memory as km  # noqa: E402  (conftest.py set TRITON_INTERPRET first)
+from titans_scale.ops import triton_scan as km  # noqa: E402  (conftest.py set TRITON_INTERPRET first)
 from titans_scale.kernels import plan  # noqa: E402
 
 if (not km.INTERPRETED and not torch.cuda.is_available()) or km.INTERPRETER_BROKEN:

@@ -1,6 +1,6 @@
 """impl="triton": the memory scan on the fused chunk kernels, differentiable end to end.
 
-Importing this module registers the impl with titans_scale.ops.memory. The call layout
+ops/memory.py imports this module on first use (importing triton is slow). The call layout
 (PyTorch chunk_step for partial chunks at either end, one autograd Function over the full
 chunks in between, coefficient gradients mapped back to the gates, recompute groups) is
 ops/scan_function.py, shared with impl="fused"; this module supplies its per-chunk loops
@@ -26,13 +26,12 @@ from dataclasses import asdict, dataclass
 import torch
 import triton
 
-from titans_scale.ops.memory import register_impl
-from titans_scale.ops.scan_function import ScanConfig, scan_with_backend
-from titans_scale.ops.state import MemoryState
+from titans_scale.kernels import plan
+from titans_scale.kernels.memory_fwd import _fwd_linear, _fwd_mlp2
+from titans_scale.kernels.plan import Shape, Tiles
 
-from . import plan
-from .memory_fwd import _fwd_linear, _fwd_mlp2
-from .plan import Shape, Tiles
+from .scan_function import ScanConfig, scan_with_backend
+from .state import MemoryState
 
 log = logging.getLogger(__name__)
 
@@ -163,5 +162,3 @@ def triton_scan(q, k, v, theta, eta, alpha, state: MemoryState, recompute_group:
     cfg = kernel_config(q, v, state, recompute_group)
     return scan_with_backend(TritonBackend, cfg, q, k, v, theta, eta, alpha, state)
 
-
-register_impl("triton", triton_scan, native_dtype=True, unsupported=unsupported)

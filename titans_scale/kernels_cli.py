@@ -20,7 +20,7 @@ def add_kernels_parser(sub) -> None:
 
 def memory_shape(cfg):
     """The shape every memory layer of the run hands the memory op (None: no memory layer)."""
-    from .plan import Shape
+    from titans_scale.kernels.plan import Shape
     m = cfg.model
     if not m.has_memory:
         return None
@@ -32,7 +32,7 @@ def memory_shape(cfg):
 
 def report(shape, arch: int, recompute: bool, programs: int) -> tuple[list[str], bool]:
     """The table's lines, and whether every kernel the dispatcher would launch builds."""
-    from . import aot, plan
+    from titans_scale.kernels import aot, plan
     lines = [f"sm_{arch}: {aot.smem_limit(arch):,} B shared memory per block; memory depth {shape.depth}, "
              f"d {shape.d_in}, hidden {shape.hidden}, chunk {shape.chunk}, {shape.dtype} inputs, "
              f"{programs} programs (batch x memory heads)"]
@@ -56,8 +56,7 @@ def report(shape, arch: int, recompute: bool, programs: int) -> tuple[list[str],
 
 def _cmd_kernels(args) -> int:
     from titans_scale.config import load_run_config
-
-    from .aot import parse_arch
+    from titans_scale.kernels.aot import parse_arch
     cfg = load_run_config(args.config, args.overrides)
     shape = memory_shape(cfg)
     if shape is None:
