@@ -37,6 +37,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import timed  # noqa: E402
 RESULTS = ROOT / "bench" / "results"
 DEFAULT_LENGTHS = [4096, 16384, 65536, 262144]
 
@@ -188,30 +190,10 @@ def print_cpu_table(rows: list[dict]) -> None:
 # ---- CUDA (or the interpreter): kernels vs chunked ----------------------------------------
 
 def _timer(device: str):
+    """timed(fn, reps): the median seconds of fn() after one warm-up run (which compiles the kernels)."""
     import torch
-    if device == "cuda":
-        def timed(fn, reps):
-            fn()                                           # warm-up (compiles the kernels)
-            torch.cuda.synchronize()
-            times = []
-            for _ in range(reps):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                torch.cuda.synchronize()
-                times.append(a.elapsed_time(b) / 1e3)
-            return sorted(times)[len(times) // 2]
-    else:
-        def timed(fn, reps):
-            fn()
-            times = []
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-            return sorted(times)[len(times) // 2]
-    return timed
+    sync = torch.cuda.synchronize if device == "cuda" else None
+    return lambda fn, reps: timed(fn, reps, sync=sync)
 
 
 def measure_peaks(device: str) -> dict:

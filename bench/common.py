@@ -70,14 +70,18 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def timed(fn, repeats: int, warmup: int = 1) -> float:
-    """Median wall seconds of fn() over `repeats` runs after `warmup` runs."""
+def timed(fn, repeats: int, warmup: int = 1, sync=None) -> float:
+    """Median wall seconds of fn() over `repeats` runs after `warmup` runs. sync (e.g.
+    torch.cuda.synchronize) waits for queued device work, so each run is timed to its end."""
+    sync = sync or (lambda: None)
     for _ in range(warmup):
         fn()
+    sync()
     ts = []
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
+        sync()
         ts.append(time.perf_counter() - t)
     ts.sort()
     return ts[len(ts) // 2]

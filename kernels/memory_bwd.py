@@ -123,10 +123,8 @@ def _bwd_mlp2(
     for i in range(n_chunks):
         c = n_chunks - 1 - i
         tok = (tok_chunk0 + c) * C + rc
-        q = load_rows(q_ptr, bh, T, tok, rd, mc, md, D)
         k = load_rows(k_ptr, bh, T, tok, rd, mc, md, D)
         v = load_rows(v_ptr, bh, T, tok, rd, mc, md, D)
-        dy = load_rows(dy_ptr, bh, T, tok, rd, mc, md, D)
         cidx = bh * n_chunks * C + c * C + rc
         cs = tl.load(cs_ptr + cidx, mask=mc, other=0.0)[:, None]
         cw = tl.load(cw_ptr + cidx, mask=mc, other=0.0)[:, None]
@@ -182,8 +180,9 @@ def _bwd_mlp2(
         derr += cs * m2s + cw * m2w
         tl.debug_barrier()
 
-        # pass C: per hidden tile, gradients w.r.t. W_c, k, q and the state carried back
-        dq = dy                                                             # the skip path
+        # pass C: per hidden tile, the gradients w.r.t. W_c through the update, w.r.t. k, and
+        # the state carried back. Row scalings (cs, cw) act on dot outputs rather than on
+        # [C, D] operands, so only k, err and derr stay staged in shared memory across tiles.
         dk = derr
         acc_p = tl.zeros((BLOCK_D, BLOCK_J), dtype=tl.float32)
         acc_a = tl.zeros((BLOCK_D, BLOCK_J), dtype=tl.float32)
@@ -211,23 +210,17 @@ def _bwd_mlp2(
             dgh = cs * tl.dot(k, dS1, input_precision=PRECISION) + cw * tl.dot(k, dW1, input_precision=PRECISION)
             de2 = dgh * gp
             # d z: from the layer-2 factor (left = z) and from err = k + z W2 - v
-            dz = tl.dot(cs * err, tl.trans(dS2), input_precision=PRECISION)
-            dz += tl.dot(cw * err, tl.trans(dW2), input_precision=PRECISION)
+            dz = cs * tl.dot(err, tl.trans(dS2), input_precision=PRECISION)
+            dz += cw * tl.dot(err, tl.trans(dW2), input_precision=PRECISION)
             dz += tl.dot(derr, tl.trans(W2), input_precision=PRECISION)
             dhk = dz * gp + dgh * e2 * gelu_grad2(hk)
             # d k: from the layer-1 factor (left = k) and through h = k W1
-            dk += tl.dot(cs * gh, tl.trans(dS1), input_precision=PRECISION)
-            dk += tl.dot(cw * gh, tl.trans(dW1), input_precision=PRECISION)
+            dk += cs * tl.dot(gh, tl.trans(dS1), input_precision=PRECISION)
+            dk += cw * tl.dot(gh, tl.trans(dW1), input_precision=PRECISION)
             dk += tl.dot(dhk, tl.trans(W1), input_precision=PRECISION)
             dW1c = tl.dot(kt, dhk, input_precision=PRECISION)
             dW2c = tl.dot(tl.trans(zk), derr, input_precision=PRECISION)
             dW2c += tl.dot(tl.trans(de2), err, input_precision=PRECISION)
-            # retrieval y = q + gelu(q W1) W2
-            hq = tl.dot(q, W1, input_precision=PRECISION)
-            dhq = tl.dot(dy, tl.trans(W2), input_precision=PRECISION) * gelu_grad(hq)
-            dq += tl.dot(dhq, tl.trans(W1), input_precision=PRECISION)
-            dW1c += tl.dot(tl.trans(q), dhq, input_precision=PRECISION)
-            dW2c += tl.dot(tl.trans(gelu(hq)), dy, input_precision=PRECISION)
             # the chunk-end state S' = P S + G_s, W' = A W + Q S + G_w
             acc_p += dS1 * S1 + tl.trans(dS2 * S2)
             acc_a += dW1 * W1 + tl.trans(dW2 * W2)
@@ -236,8 +229,32 @@ def _bwd_mlp2(
             tl.store(ds1_ptr + bh * W_SIZE + o1, P * dS1 + Q * dW1, mask=m1)
             tl.store(dw2_ptr + bh * W_SIZE + o2, A * dW2 + dW2c, mask=m2)
             tl.store(ds2_ptr + bh * W_SIZE + o2, P * dS2 + Q * dW2, mask=m2)
-        _store_rows(dq_ptr, dq, bh, T, tok, rd, mc, md, D)
         _store_rows(dk_ptr, dk, bh, T, tok, rd, mc, md, D)
+        tl.debug_barrier()
+
+        # pass D: the retrieval y = q + gelu(q W1) W2 at W_c adds to the gradients w.r.t. W_c
+        # (a pass of its own, so q and dy are never staged together with k, err and derr)
+        q = load_rows(q_ptr, bh, T, tok, rd, mc, md, D)
+        dy = load_rows(dy_ptr, bh, T, tok, rd, mc, md, D)
+        dq = dy                                                             # the skip path
+        for j0 in range(0, HID, BLOCK_J):
+            rj = j0 + tl.arange(0, BLOCK_J)
+            mj = rj < HID
+            m1 = md[:, None] & mj[None, :]
+            m2 = mj[:, None] & md[None, :]
+            o1 = rd[:, None] * HID + rj[None, :]
+            o2 = rj[:, None] * D + rd[None, :]
+            W1 = tl.load(sw1_ptr + state + o1, mask=m1, other=0.0)
+            W2 = tl.load(sw2_ptr + state + o2, mask=m2, other=0.0)
+            hq = tl.dot(q, W1, input_precision=PRECISION)
+            dhq = tl.dot(dy, tl.trans(W2), input_precision=PRECISION) * gelu_grad(hq)
+            dq += tl.dot(dhq, tl.trans(W1), input_precision=PRECISION)
+            dW1 = tl.load(dw1_ptr + bh * W_SIZE + o1, mask=m1, other=0.0)
+            dW2 = tl.load(dw2_ptr + bh * W_SIZE + o2, mask=m2, other=0.0)
+            tl.store(dw1_ptr + bh * W_SIZE + o1, dW1 + tl.dot(tl.trans(q), dhq, input_precision=PRECISION), mask=m1)
+            dW2 += tl.dot(tl.trans(gelu(hq)), dy, input_precision=PRECISION)
+            tl.store(dw2_ptr + bh * W_SIZE + o2, dW2, mask=m2)
+        _store_rows(dq_ptr, dq, bh, T, tok, rd, mc, md, D)
         _store_rows(dv_ptr, -derr, bh, T, tok, rd, mc, md, D)
         tl.store(dcs_ptr + cidx, dcs, mask=mc)
         tl.store(dcw_ptr + cidx, dcw, mask=mc)

@@ -34,8 +34,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-_INV_SQRT2 = 0.7071067811865476
-_INV_SQRT2PI = 0.3989422804014327
+_INV_SQRT2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT2PI = tl.constexpr(0.3989422804014327)
 
 
 @triton.jit

@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from titans_scale.sweep.cli import add_sweep_parser
     add_sweep_parser(sub)           # sweep plan|run|collect|fit|plot|all (titans_scale/sweep/cli.py)
+
+    from titans_scale.kernels_cli import add_kernels_parser
+    add_kernels_parser(sub)         # kernels --arch sm_90 (kernels_cli.py)
     return p
 
 

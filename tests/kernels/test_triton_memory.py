@@ -14,7 +14,8 @@ import sys
 import pytest
 import torch
 
-from titans_scale.kernels import memory as km  # noqa: E402  (conftest.py set TRITON_INTERPRET first)
+from titans_scale.ops import triton_scan as km  # noqa: E402  (conftest.py set TRITON_INTERPRET first)
+from titans_scale.kernels import plan  # noqa: E402
 
 if (not km.INTERPRETED and not torch.cuda.is_available()) or km.INTERPRETER_BROKEN:
     raise RuntimeError("the kernel tests need TRITON_INTERPRET=1 set before triton is first imported "
@@ -99,6 +100,27 @@ def test_fp32_equals_chunked_and_reference(depth, d, C, L, E, H):
     got = _run("triton", args, C, probe)
     _assert_close(got, _run("chunked", args, C, probe), 1e-5, "vs chunked")
     _assert_close(got, _run("naive", _as_float64(args), C, probe), 1e-5, "vs float64 reference")
+
+
+TILED = [(1, 48, 1), (2, 16, 3)]   # depth, d, expansion: 48 wide (partial 32- and 64-wide tiles)
+
+
+def test_the_tiling_tests_cover_every_candidate():
+    """Every BLOCK_J the dispatcher may choose (kernels/plan.py) is run below."""
+    for depth, d, E in TILED:
+        shape = plan.Shape(depth, d, d, E * d if depth == 2 else d, 8, "fp32")
+        assert {t.block_j for t in plan.candidates(shape)} == {16, 32, 64}
+
+
+@pytest.mark.parametrize("block_j", [16, 32, 64])
+@pytest.mark.parametrize("depth,d,E", TILED)
+def test_every_tiling_equals_chunked_and_reference(depth, d, E, block_j, monkeypatch):
+    monkeypatch.setattr(km, "TILES", plan.Tiles(block_j, num_warps=4, num_stages=1))
+    args = _inputs(depth, d, 21, E, H=1)
+    probe = _probe(args)
+    got = _run("triton", args, 8, probe, g=2)        # recompute: the forward without reads runs too
+    _assert_close(got, _run("chunked", args, 8, probe), 1e-5, f"BLOCK_J={block_j} vs chunked")
+    _assert_close(got, _run("naive", _as_float64(args), 8, probe), 1e-5, f"BLOCK_J={block_j} vs float64 reference")
 
 
 @pytest.mark.parametrize("depth", [1, 2])

@@ -55,13 +55,14 @@ def register_impl(name: str, fn, *, native_dtype: bool = False, unsupported=None
 
 
 def _load_triton() -> str | None:
-    """Import the kernels (they register "triton"); None, or why they cannot be imported."""
+    """Register impl="triton" on first use (importing triton is slow); None, or why it cannot be."""
     if "triton" in _REGISTRY:
         return None
     try:
-        from titans_scale.kernels import memory as _  # noqa: F401  (registers itself)
+        from .triton_scan import triton_scan, unsupported
     except ImportError as e:
         return f"impl='triton' is unavailable: {e}; install triton or use impl='chunked'"
+    register_impl("triton", triton_scan, native_dtype=True, unsupported=unsupported)
     return None
 
 

@@ -9,7 +9,7 @@ O(L/(C*g) * |W| + g * (|W| + C * d)) per head; g near sqrt(L/C) minimises it.
 
 The chunked PyTorch path does this with torch.utils.checkpoint (use_reentrant=False) over
 spans of g chunk pieces; recomputation replays the same ops on the same inputs, so the
-gradients are bitwise those of the plain path. The Triton path (kernels/memory.py) saves
+gradients are bitwise those of the plain path. The Triton path (ops/triton_scan.py) saves
 every g-th state from its forward kernel and reruns the kernel per group in backward.
 """
 

@@ -1,5 +1,5 @@
 """The memory scan with a hand-written backward, shared by impl="fused" (PyTorch loops,
-ops/fused.py) and impl="triton" (kernels/memory.py). Only the per-chunk loops differ; a
+ops/fused.py) and impl="triton" (ops/triton_scan.py). Only the per-chunk loops differ; a
 backend supplies them.
 
 Layout of a call (scan_with_backend):

@@ -1,11 +1,16 @@
 """impl="triton": the memory scan on the fused chunk kernels, differentiable end to end.
 
-Importing this module registers the impl with titans_scale.ops.memory. The call layout
+ops/memory.py imports this module on first use (importing triton is slow). The call layout
 (PyTorch chunk_step for partial chunks at either end, one autograd Function over the full
 chunks in between, coefficient gradients mapped back to the gates, recompute groups) is
 ops/scan_function.py, shared with impl="fused"; this module supplies its per-chunk loops
 as the forward kernel (kernels/memory_fwd.py) and the backward kernel
 (kernels/memory_bwd.py), one program per (batch, head).
+
+Tiles come from kernels/plan.py: on CUDA the first candidate tiling that fits the device's
+shared memory (compiled ahead of time for its architecture, once per shape and process);
+where none fits, unsupported() says why (logged once), so impl="auto" runs "fused" and
+impl="triton" raises instead of launching a kernel the GPU refuses.
 
 Precision: state and accumulation are fp32; inputs may be fp32, bf16 or fp16 (cast to
 fp32 on load). With fp32 inputs the kernels' dots run in IEEE fp32; with 16-bit inputs in
@@ -14,17 +19,21 @@ TF32 on tensor cores.
 
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import asdict, dataclass
 
 import torch
 import triton
 
-from titans_scale.ops.memory import register_impl
-from titans_scale.ops.scan_function import ScanConfig, scan_with_backend
-from titans_scale.ops.state import MemoryState
+from titans_scale.kernels import plan
+from titans_scale.kernels.memory_fwd import _fwd_linear, _fwd_mlp2
+from titans_scale.kernels.plan import Shape, Tiles
 
-from .memory_bwd import _bwd_linear, _bwd_mlp2
-from .memory_fwd import _fwd_linear, _fwd_mlp2
+from .scan_function import ScanConfig, scan_with_backend
+from .state import MemoryState
+
+log = logging.getLogger(__name__)
 
 
 def _interpreted(fn) -> bool:
@@ -38,32 +47,26 @@ def _interpreted(fn) -> bool:
 INTERPRETED = _interpreted(_fwd_linear)
 INTERPRETER_BROKEN = INTERPRETED and not _interpreted(triton.language.standard.sum)
 POISON_OUTPUTS = False   # tests: fill kernel outputs with NaN first, so unwritten elements show
-
-
-def _p2(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))   # tl.dot wants every dim >= 16
+TILES: Tiles | None = None   # tests: force one tiling everywhere (the interpreter has no target)
+_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 @dataclass(frozen=True)
 class KernelConfig(ScanConfig):
-    precision: str         # tl.dot input_precision
-    block_j: int           # hidden (depth 2) / output-column (depth 1) tile
+    dtype: str             # q, k, v: fp32 | bf16 | fp16
+    fwd: Tiles
+    fwd_recompute: Tiles   # the forward without reads (recompute in backward)
+    bwd: Tiles
 
     @property
-    def blocks(self) -> dict:
-        return dict(BLOCK_C=_p2(self.chunk_size), **(
-            dict(BLOCK_IN=_p2(self.d_in), BLOCK_OUT=self.block_j) if self.depth == 1
-            else dict(BLOCK_D=_p2(self.d_in), BLOCK_J=self.block_j)))
+    def shape(self) -> Shape:
+        return Shape(self.depth, self.d_in, self.d_out, self.hidden, self.chunk_size, self.dtype)
 
-    @property
-    def dims(self) -> dict:
-        if self.depth == 1:
-            return dict(C=self.chunk_size, D_IN=self.d_in, D_OUT=self.d_out)
-        return dict(C=self.chunk_size, D=self.d_in, HID=self.hidden)
-
-
-def _warps(cfg: KernelConfig) -> int:
-    return 4 if cfg.depth == 1 else 8
+    def launch(self, kind: str, write_y: bool = True) -> dict:
+        """The launch's constexprs and compile options."""
+        tiles = self.bwd if kind == "bwd" else self.fwd if write_y else self.fwd_recompute
+        return dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+                    **plan.constexprs(self.shape, kind, tiles, write_y))
 
 
 class TritonBackend:
@@ -80,11 +83,10 @@ class TritonBackend:
         cs, cw, P, A, Q = coefs
         BH, n = P.shape
         args = dict(n_chunks=n, tok_chunk0=tok_chunk0, n_tok_chunks=q.shape[1] // cfg.chunk_size,
-                    save_stride=cfg.save_stride, n_slots=saved_w[0].shape[1], WRITE_Y=y is not None,
-                    PRECISION=cfg.precision, num_warps=_warps(cfg), **cfg.dims, **cfg.blocks)
+                    save_stride=cfg.save_stride, n_slots=saved_w[0].shape[1], **cfg.launch("fwd", y is not None))
         y_arg = y if y is not None else q   # never written when WRITE_Y is False
         if cfg.depth == 1:
-            grid = (BH, triton.cdiv(cfg.d_out, cfg.block_j))
+            grid = (BH, triton.cdiv(cfg.d_out, args["BLOCK_OUT"]))
             _fwd_linear[grid](q, k, v, cs, cw, P, A, Q, y_arg, ws[0], ss[0], saved_w[0], saved_s[0], **args)
         else:
             _fwd_mlp2[(BH,)](q, k, v, cs, cw, P, A, Q, y_arg, *ws, *ss, *saved_w, *saved_s, **args)
@@ -95,12 +97,36 @@ class TritonBackend:
         BH, n = P.shape
         dcoefs = [TritonBackend.new(t.shape, t.device) for t in coefs]
         args = dict(n_chunks=n, tok_chunk0=tok_chunk0, n_tok_chunks=q.shape[1] // cfg.chunk_size,
-                    slot0=slot0, n_slots=states_w[0].shape[1], PRECISION=cfg.precision,
-                    num_warps=_warps(cfg), **cfg.dims, **cfg.blocks)
-        kernel = _bwd_linear if cfg.depth == 1 else _bwd_mlp2
-        kernel[(BH,)](q, k, v, dy, cs, cw, P, A, Q, *states_w, *states_s, *dws, *dss,
-                      dq, dk, dv, *dcoefs, **args)
+                    slot0=slot0, n_slots=states_w[0].shape[1], **cfg.launch("bwd"))
+        plan.kernel(cfg.shape, "bwd")[(BH,)](q, k, v, dy, cs, cw, P, A, Q, *states_w, *states_s, *dws, *dss,
+                                             dq, dk, dv, *dcoefs, **args)
         return dcoefs
+
+
+def _shape(q: torch.Tensor, state: MemoryState) -> Shape:
+    w = state.weights
+    return Shape(state.depth, q.shape[-1], w[-1].shape[-1], w[0].shape[-1], state.chunk_size, _DTYPES[q.dtype])
+
+
+def _arch(device: torch.device) -> int:
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+@functools.lru_cache(maxsize=None)
+def _device_plan(shape: Shape, arch: int) -> tuple[dict, str | None]:
+    """Tiles per launch on sm_<arch>, or why nothing fits (logged once per shape). The
+    backward, the largest kernel, is tried first: a shape it refuses needs no more compiles."""
+    tiles = {}
+    for key, kind, write_y in (("bwd", "bwd", True), ("fwd", "fwd", True), ("fwd_recompute", "fwd", False)):
+        choice = plan.choose(shape, kind, arch, write_y)
+        if not choice.ok:
+            log.warning("impl='triton' cannot run %s on sm_%d: %s; impl='auto' runs 'fused' instead",
+                        shape, arch, choice.reason)
+            return {}, choice.reason
+        tiles[key] = choice.tiles
+    return tiles, None
+
 
 def unsupported(q: torch.Tensor, state: MemoryState) -> str | None:
     """Why impl='triton' cannot run these inputs (None when it can)."""
@@ -112,17 +138,23 @@ def unsupported(q: torch.Tensor, state: MemoryState) -> str | None:
                 f"imported to run on the CPU (got {q.device} tensors); use impl='chunked' on the CPU")
     if state.depth > 2:
         return f"impl='triton' has kernels for memory depth 1 and 2, got depth {state.depth}; use impl='chunked'"
-    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if q.dtype not in _DTYPES:
         return f"impl='triton' computes in fp32 from fp32/bf16/fp16 inputs, got {q.dtype}; use impl='chunked'"
+    if q.is_cuda:
+        reason = _device_plan(_shape(q, state), _arch(q.device))[1]
+        if reason is not None:
+            return f"{reason}; use impl='fused'"
     return None
 
 
 def kernel_config(q, v, state: MemoryState, recompute_group) -> KernelConfig:
     base = ScanConfig.of(q, v, state, recompute_group)
-    # untuned (no GPU was at hand): depth 2 keeps ~20 [C, tile] fp32 tiles live in backward
-    tile = 32 if (INTERPRETED or state.depth == 2) else 64
-    return KernelConfig(**asdict(base), precision="ieee" if q.dtype == torch.float32 else "tf32",
-                        block_j=min(tile, _p2(base.hidden)))
+    shape = _shape(q, state)
+    if q.is_cuda:
+        tiles = _device_plan(shape, _arch(q.device))[0]
+    else:
+        tiles = dict.fromkeys(("fwd", "fwd_recompute", "bwd"), TILES or plan.default_tiles(shape))
+    return KernelConfig(**asdict(base), dtype=shape.dtype, **tiles)
 
 
 def triton_scan(q, k, v, theta, eta, alpha, state: MemoryState, recompute_group: int | None = None):
@@ -130,5 +162,3 @@ def triton_scan(q, k, v, theta, eta, alpha, state: MemoryState, recompute_group:
     cfg = kernel_config(q, v, state, recompute_group)
     return scan_with_backend(TritonBackend, cfg, q, k, v, theta, eta, alpha, state)
 
-
-register_impl("triton", triton_scan, native_dtype=True, unsupported=unsupported)
