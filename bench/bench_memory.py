@@ -27,7 +27,7 @@ SHAPE = dict(d_model=256, n_heads=4, mem_depth=2, mem_expansion=4, chunk_size=64
 def layer_flops_per_token(cfg) -> tuple[float, float]:
     """(op, layer) forward+backward FLOPs per token: 3x the forward matmul FLOPs."""
     from titans_scale.flops import memory_update_flops_per_token
-    D, Hd, H = cfg.d_model, cfg.memory_heads * cfg.memory_dim, cfg.memory_heads
+    D, Hd, H = cfg.d_model, cfg.resolved_mem_heads * cfg.mem_head_dim, cfg.resolved_mem_heads
     op = memory_update_flops_per_token(cfg)
     proj = 2 * D * 3 * Hd + 2 * D * 3 * H + 2 * D * Hd + 2 * Hd * D
     return 3 * op, 3 * (op + proj)

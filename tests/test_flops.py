@@ -133,7 +133,7 @@ def test_model_count_is_the_standard_convention():
     with the causal half)."""
     cfg = ModelConfig(d_model=128, n_heads=4, layers=["attn"] * 3, n_persistent=0, vocab_size=300)
     L = 256
-    matmul_params = 3 * (4 * 128 * 128 + 3 * 128 * cfg.ffn_hidden) + 300 * 128
+    matmul_params = 3 * (4 * 128 * 128 + 3 * 128 * cfg.resolved_mlp_hidden) + 300 * 128
     expected = 6 * matmul_params + 3 * 6 * 2 * 128 * (L + 1) / 2
     assert model_flops_per_token(cfg, L) == pytest.approx(expected, rel=1e-12)
     assert model_flops_per_token(cfg, L, training=False) == pytest.approx(expected / 3, rel=1e-12)

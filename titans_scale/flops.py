@@ -51,7 +51,7 @@ _SLIDING = ("swa", "mag", "mal")
 
 def memory_layer_dims(cfg: ModelConfig) -> list[tuple[int, int]]:
     """(in, out) of each layer of one head's memory MLP."""
-    d = cfg.memory_dim
+    d = cfg.mem_head_dim
     if cfg.mem_depth == 1:
         return [(d, d)]
     hid = cfg.mem_expansion * d
@@ -64,7 +64,7 @@ def _attention_params(cfg: ModelConfig) -> int:
 
 
 def _memory_params(cfg: ModelConfig) -> int:
-    D, H, d = cfg.d_model, cfg.memory_heads, cfg.memory_dim
+    D, H, d = cfg.d_model, cfg.resolved_mem_heads, cfg.mem_head_dim
     Hd = H * d
     return (3 * Hd * D                                       # q, k, v projection
             + 3 * Hd * (cfg.conv_kernel + 1)                 # depthwise conv weight + bias
@@ -88,7 +88,7 @@ def _mixer_params(cfg: ModelConfig, mixer: str) -> int:
 def param_count(cfg: ModelConfig, non_embedding: bool = True) -> int:
     """Parameters of TitansLM(cfg) (equal to model.num_params(non_embedding))."""
     D = cfg.d_model
-    block = 2 * D + 3 * D * cfg.ffn_hidden                   # two RMSNorms + SwiGLU
+    block = 2 * D + 3 * D * cfg.resolved_mlp_hidden                   # two RMSNorms + SwiGLU
     n = sum(block + _mixer_params(cfg, m) for m in cfg.layers) + D     # + final norm
     if not cfg.tie_embeddings:
         n += cfg.vocab_size * D                              # the untied head counts as a layer
@@ -147,7 +147,7 @@ def memory_update_flops(cfg: ModelConfig, seq_len: int) -> float:
     C = cfg.chunk_size
     pieces = [C] * (seq_len // C) + ([seq_len % C] if seq_len % C else [])
     decay = sum(2 * n * n for n in pieces if n > 1)         # n = 1: einsum multiplies, no matmul
-    return cfg.memory_heads * (seq_len * (2 * mlp + backprop + outer) + decay)
+    return cfg.resolved_mem_heads * (seq_len * (2 * mlp + backprop + outer) + decay)
 
 
 def memory_update_flops_per_token(cfg: ModelConfig) -> float:
@@ -196,12 +196,12 @@ def memory_dead_backward_flops(cfg: ModelConfig, seq_len: int, mixer: str = "lmm
         dead += 2 * n * n
     if call == n:
         dead += n * 2 * cfg.d_model * 3                      # theta, eta, alpha of this head
-    return cfg.memory_heads * 2 * dead
+    return cfg.resolved_mem_heads * 2 * dead
 
 
 def memory_read_flops(cfg: ModelConfig) -> float:
     """f_W(q) for one token, all memory heads (MAC's retrieval of h)."""
-    return cfg.memory_heads * sum(2 * i * o for i, o in memory_layer_dims(cfg))
+    return cfg.resolved_mem_heads * sum(2 * i * o for i, o in memory_layer_dims(cfg))
 
 
 # ----------------------------------------------------------------------------- totals
@@ -253,12 +253,12 @@ def step_flops(cfg: ModelConfig, batch_size: int, seq_len: int, *, training: boo
     if batch_size < 1 or seq_len < 1:
         raise ConfigError(f"batch_size={batch_size}, seq_len={seq_len}: both must be >= 1")
     B, L, D = batch_size, seq_len, cfg.d_model
-    H, Hd, K = cfg.memory_heads, cfg.memory_heads * cfg.memory_dim, cfg.conv_kernel
+    H, Hd, K = cfg.resolved_mem_heads, cfg.resolved_mem_heads * cfg.mem_head_dim, cfg.conv_kernel
     BL = B * L
     out = FlopCount(tokens=BL, training=training)
     out.add("head", 2 * D * cfg.vocab_size * BL)
     for m in cfg.layers:
-        out.add("ffn", 2 * 3 * D * cfg.ffn_hidden * BL)
+        out.add("ffn", 2 * 3 * D * cfg.resolved_mlp_hidden * BL)
         if m != "lmm":
             out.add("attention_proj", 2 * 4 * D * D * BL)    # qkv + out
             out.add("attention", 2 * 2 * D * B * attention_pairs(cfg, m, L, count))   # scores + values

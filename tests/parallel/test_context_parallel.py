@@ -295,7 +295,7 @@ def _tp_cp_checks() -> dict:
         ref_loss = F.cross_entropy(logits.transpose(1, 2), tgt, reduction="none")      # [B, L]
         ref_loss.sum().backward()
         config = TransformerConfig(num_layers=len(layers), hidden_size=16, num_attention_heads=2,
-                                   ffn_hidden_size=full.cfg.ffn_hidden, tensor_model_parallel_size=2,
+                                   ffn_hidden_size=full.cfg.resolved_mlp_hidden, tensor_model_parallel_size=2,
                                    params_dtype=torch.float32, use_cpu_initialization=True,
                                    perform_initialization=False)
         stage = TitansStage(full, list(range(len(layers))), first=True, last=True, config=config,

@@ -278,7 +278,7 @@ def import_memory(state_dict: dict[str, torch.Tensor], options: TitansPytorchOpt
 def export_memory(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], *, accept_read_offset: bool = False,
                   prefix: str = "") -> tuple[TitansPytorchOptions, dict[str, torch.Tensor]]:
     """Our NeuralMemory weights (keys after `prefix`) -> (titans-pytorch options, their state dict)."""
-    D, H, d = cfg.d_model, cfg.memory_heads, cfg.memory_dim
+    D, H, d = cfg.d_model, cfg.resolved_mem_heads, cfg.mem_head_dim
     sd = {k[len(prefix):]: v.detach().to(torch.float32) for k, v in state_dict.items() if k.startswith(prefix)}
     msgs = []
     if cfg.mem_depth != 1:

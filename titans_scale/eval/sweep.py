@@ -32,6 +32,11 @@ from titans_scale.train.evaluate import stream_predictions
 from titans_scale.train.hardware import peak_rss_bytes
 
 
+def _ratio(num: str, den: str, doc: str) -> property:
+    """A read-only share num / den of two counters (0 while den is 0)."""
+    return property(lambda self: getattr(self, num) / max(1, getattr(self, den)), doc=doc)
+
+
 @dataclass
 class Cell:
     length: int
@@ -46,23 +51,11 @@ class Cell:
     min_distance: int = 1 << 62        # tokens from the needle's end to the first answer token
     seconds: float = 0.0
 
-    @property
-    def accuracy(self) -> float:
-        """Share of answers exactly right (for needles: of samples)."""
-        return self.answers_correct / max(1, self.answers)
-
-    @property
-    def sample_accuracy(self) -> float:
-        """Share of samples with every answer right (differs from accuracy for MQAR only)."""
-        return self.correct / max(1, self.samples)
-
-    @property
-    def token_accuracy(self) -> float:
-        return self.tokens_correct / max(1, self.tokens)
-
-    @property
-    def distance(self) -> float:
-        return self.distance_sum / max(1, self.samples)
+    accuracy = _ratio("answers_correct", "answers", "Share of answers exactly right (for needles: of samples).")
+    sample_accuracy = _ratio("correct", "samples",
+                             "Share of samples with every answer right (differs from accuracy for MQAR only).")
+    token_accuracy = _ratio("tokens_correct", "tokens", "Share of answer tokens right.")
+    distance = _ratio("distance_sum", "samples", "Mean tokens from the needle's end to the first answer token.")
 
     def add(self, sample: RecallSample, preds: np.ndarray) -> None:
         right = preds == sample.answer_tokens

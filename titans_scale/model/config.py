@@ -51,16 +51,18 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
+    # `resolved_x` is field x with its 0 ("derive it") replaced by the derived value
     @property
-    def memory_heads(self) -> int:
+    def resolved_mem_heads(self) -> int:
         return self.mem_heads or self.n_heads
 
     @property
-    def memory_dim(self) -> int:
-        return self.d_model // self.memory_heads
+    def mem_head_dim(self) -> int:
+        return self.d_model // self.resolved_mem_heads
 
     @property
-    def ffn_hidden(self) -> int:
+    def resolved_mlp_hidden(self) -> int:
+        """The SwiGLU width: mlp_hidden, or 8/3 * d_model rounded up to a multiple of 32."""
         return self.mlp_hidden or 32 * -(-(8 * self.d_model // 3) // 32)
 
     @property
@@ -77,8 +79,8 @@ class ModelConfig:
                 bad(name, f"must be a positive integer, got {getattr(self, name)!r}")
         if self.d_model % self.n_heads:
             bad("n_heads", f"n_heads={self.n_heads} must divide d_model={self.d_model}")
-        if self.d_model % self.memory_heads:
-            bad("mem_heads", f"mem_heads={self.memory_heads} must divide d_model={self.d_model}")
+        if self.d_model % self.resolved_mem_heads:
+            bad("mem_heads", f"mem_heads={self.resolved_mem_heads} must divide d_model={self.d_model}")
         if self.head_dim % 2:
             bad("n_heads", f"head_dim d_model/n_heads={self.head_dim} must be even for RoPE")
         if not self.layers:

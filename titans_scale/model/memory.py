@@ -44,7 +44,7 @@ def _logit(p: float) -> float:
 class NeuralMemory(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        D, H, d = cfg.d_model, cfg.memory_heads, cfg.memory_dim
+        D, H, d = cfg.d_model, cfg.resolved_mem_heads, cfg.mem_head_dim
         self.d, self.chunk_size, self.max_lr = d, cfg.chunk_size, cfg.max_lr
         self.recompute_group = cfg.recompute_group or None
         self.impl = "auto"

@@ -36,7 +36,7 @@ class Block(nn.Module):
         self.norm_mix = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mixer = MIXER_CLASSES[mixer](cfg)
         self.norm_ffn = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.ffn = SwiGLU(cfg.d_model, cfg.ffn_hidden)
+        self.ffn = SwiGLU(cfg.d_model, cfg.resolved_mlp_hidden)
         # Seams for tensor/sequence parallelism (parallel/tensor_parallel.py swaps them): the
         # mixers take whole batch-first sequences; a TP residual stream is sequence-first and
         # may be split along the sequence.

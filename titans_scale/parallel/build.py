@@ -33,7 +33,7 @@ def megatron_config(cfg: RunConfig, layout: Layout) -> TransformerConfig:
         num_layers=len(m.layers),
         hidden_size=m.d_model,
         num_attention_heads=heads,
-        ffn_hidden_size=m.ffn_hidden,
+        ffn_hidden_size=m.resolved_mlp_hidden,
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,

@@ -109,11 +109,11 @@ def plan_layout(cfg: RunConfig, world_size: int) -> Layout:
         if any(k in _ATTENTION_HEADS for k in m.layers) and m.n_heads % p.tp:
             bad(f"parallel.tp={p.tp} does not divide model.n_heads={m.n_heads} (attention heads are "
                 f"split over TP ranks); use tp in {{{_divisors(m.n_heads)}}}")
-        if any(k in MEMORY_MIXERS for k in m.layers) and m.memory_heads % p.tp:
-            bad(f"parallel.tp={p.tp} does not divide the {m.memory_heads} memory heads (model.mem_heads); "
-                f"use tp in {{{_divisors(m.memory_heads)}}}")
-        if m.ffn_hidden % p.tp:
-            bad(f"parallel.tp={p.tp} does not divide the SwiGLU width {m.ffn_hidden} (model.mlp_hidden); "
+        if any(k in MEMORY_MIXERS for k in m.layers) and m.resolved_mem_heads % p.tp:
+            bad(f"parallel.tp={p.tp} does not divide the {m.resolved_mem_heads} memory heads (model.mem_heads); "
+                f"use tp in {{{_divisors(m.resolved_mem_heads)}}}")
+        if m.resolved_mlp_hidden % p.tp:
+            bad(f"parallel.tp={p.tp} does not divide the SwiGLU width {m.resolved_mlp_hidden} (model.mlp_hidden); "
                 f"choose model.mlp_hidden divisible by {p.tp}")
         if p.sequence_parallel and d.seq_len % p.tp:
             bad(f"data.seq_len={d.seq_len} is not divisible by parallel.tp={p.tp}, which sequence "

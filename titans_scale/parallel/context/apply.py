@@ -272,11 +272,11 @@ def check_cp_config(cfg, cp: int, tp: int = 1, strategy: str = "auto", seq_len: 
     CPConfigError with one line. cfg: a ModelConfig; seq_len: the training sequence length."""
     if cp < 1 or tp < 1:
         raise CPConfigError(f"parallel.cp={cp} and parallel.tp={tp} must be >= 1")
-    if cfg.memory_heads % tp:
-        raise CPConfigError(f"model.mem_heads={cfg.memory_heads} must be divisible by parallel.tp={tp}")
+    if cfg.resolved_mem_heads % tp:
+        raise CPConfigError(f"model.mem_heads={cfg.resolved_mem_heads} must be divisible by parallel.tp={tp}")
     if seq_len is not None:
         shard_bounds(seq_len, cp, cfg.chunk_size)          # raises if a rank would get no chunk
-    return [layer_strategy(kind, strategy, cfg.mem_depth, cfg.memory_heads // tp, cp) for kind in cfg.layers]
+    return [layer_strategy(kind, strategy, cfg.mem_depth, cfg.resolved_mem_heads // tp, cp) for kind in cfg.layers]
 
 
 def _mixers(model: nn.Module):
