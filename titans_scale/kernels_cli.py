@@ -24,7 +24,7 @@ def memory_shape(cfg):
     m = cfg.model
     if not m.has_memory:
         return None
-    d = m.memory_dim
+    d = m.mem_head_dim
     hidden = m.mem_expansion * d if m.mem_depth >= 2 else d
     dtype = "fp32" if cfg.train.precision == "fp32" else "bf16"   # bf16 and fp8 runs autocast to bf16
     return Shape(m.mem_depth, d, d, hidden, m.chunk_size, dtype)
@@ -63,6 +63,6 @@ def _cmd_kernels(args) -> int:
         print("no memory layers in this config: no kernels to build")
         return 0
     lines, builds = report(shape, parse_arch(args.arch), cfg.model.recompute_group > 1,
-                           cfg.data.batch_size * cfg.model.memory_heads)
+                           cfg.data.batch_size * cfg.model.resolved_mem_heads)
     print("\n".join(lines))
     return 0 if builds else 1
