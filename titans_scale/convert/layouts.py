@@ -26,31 +26,32 @@ from .reader import CheckpointReader
 
 
 @dataclass(frozen=True)
-class Layout:
+class CheckpointFormat:
+    """One on-disk checkpoint layout the converter reads: how to recognise it, how to open it."""
     name: str
     detect: Callable[[Path], bool]
     open: Callable[[Path, RunConfig | None], CheckpointReader]
 
 
 _BUILTIN = [
-    Layout("consolidated", is_consolidated, lambda p, run: ConsolidatedReader(p)),
+    CheckpointFormat("consolidated", is_consolidated, lambda p, run: ConsolidatedReader(p)),
     # before run-dir / training / dcp: a parallel step folder also has model_optim/ and .metadata
-    Layout("megatron", is_parallel_checkpoint, lambda p, run: ParallelReader(p, run)),
-    Layout("run-dir", lambda p: checkpoint_dir(p).is_dir() and (p / "config.toml").is_file(),
+    CheckpointFormat("megatron", is_parallel_checkpoint, lambda p, run: ParallelReader(p, run)),
+    CheckpointFormat("run-dir", lambda p: checkpoint_dir(p).is_dir() and (p / "config.toml").is_file(),
            lambda p, run: DcpReader(resolve_run_dir(p), run)),
-    Layout("training", lambda p: (p / "model_optim").is_dir(), lambda p, run: DcpReader(p, run)),
-    Layout("dcp", lambda p: (p / ".metadata").is_file(), lambda p, run: DcpReader(p, run)),
+    CheckpointFormat("training", lambda p: (p / "model_optim").is_dir(), lambda p, run: DcpReader(p, run)),
+    CheckpointFormat("dcp", lambda p: (p / ".metadata").is_file(), lambda p, run: DcpReader(p, run)),
 ]
-_REGISTERED: list[Layout] = []
+_REGISTERED: list[CheckpointFormat] = []
 
 
 def register_layout(name: str, detect: Callable[[Path], bool],
                     open: Callable[[Path, RunConfig | None], CheckpointReader]) -> None:  # noqa: A002
     """Add a checkpoint layout; it is tried before the built-in ones."""
-    _REGISTERED.insert(0, Layout(name, detect, open))
+    _REGISTERED.insert(0, CheckpointFormat(name, detect, open))
 
 
-def layouts() -> list[Layout]:
+def layouts() -> list[CheckpointFormat]:
     return _REGISTERED + _BUILTIN
 
 
@@ -71,4 +72,4 @@ def open_checkpoint(path: str | Path, run_config: RunConfig | None = None) -> Ch
                        f"{', '.join(lay.name for lay in layouts())})")
 
 
-__all__ = ["Layout", "register_layout", "layouts", "open_checkpoint"]
+__all__ = ["CheckpointFormat", "register_layout", "layouts", "open_checkpoint"]
