@@ -19,6 +19,8 @@ from titans_scale.precision.select import Fp8Backend, PrecisionName
 Allocator = Literal["auto", "tcmalloc", "glibc"]
 # auto picks per memory layer (parallel/context/apply.py); the exact ones: parallel/context/shard.py
 CPStrategy = Literal["auto", "a2a", "state_passing", "ring"]
+# auto: CUDA when GPUs are visible, else the CPU; titans_scale/device.py resolves it
+DeviceName = Literal["auto", "cpu", "cuda"]
 
 
 def _need(ok: bool, key: str, msg: str) -> None:
@@ -78,6 +80,7 @@ class TrainConfig:
     ckpt_every: int = 100
     keep_checkpoints: int = 2
     precision: PrecisionName = "fp32"
+    device: DeviceName = "auto"       # cuda: cuda:LOCAL_RANK under torchrun; unusable CUDA is an error
     max_bad_steps: int = 3            # consecutive non-finite steps before the run stops
     threads: int = 0                  # torch intra-op threads; 0 = torch's default
     retain_memory: bool = True        # CPU (glibc): keep freed memory for reuse, no page faults per step
