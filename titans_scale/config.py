@@ -120,6 +120,9 @@ class ParallelConfig:
     # state_passing for depth 1, else ring); titans_scale/parallel/context/apply.py
     cp_strategy: CPStrategy = "auto"
     microbatches: int = 1
+    # process-group timeout (NCCL/gloo): long enough for rank 0 to prepare the corpus and the
+    # first step to compile its kernels while the other ranks wait
+    timeout_s: int = 1800
 
 
 @sectioned

@@ -5,7 +5,8 @@ parallelism's transfers (tokens, shard lengths, the ring's shape headers), the T
 No GPU here: the collectives are intercepted (they record the device of what they are handed
 and move nothing), the group's backend answers 'nccl', and tensors are FakeTensorMode's, which
 can live on a fake cuda:0 on this CPU-only torch. That needs a fake CUDA device guard
-(tests/fake_cuda.py), so each check runs in a child process.
+(tests/fake_cuda.py), so each check runs in a child process. The runtime's check also shows
+its micro-batches placed on the device.
 """
 
 import sys
@@ -66,6 +67,7 @@ def _child(check: str, build_dir: str) -> None:
     dist.get_rank = lambda group=None: world.rank
     dist.get_world_size = lambda group=None: world.size
     torch.cuda.current_device = lambda: 0
+    torch.Tensor.pin_memory = lambda self, *a, **k: self       # pinned memory needs a CUDA runtime
     for name in ("get_model_parallel_group", "get_context_parallel_group", "get_data_parallel_group",
                  "get_tensor_model_parallel_group"):
         setattr(ps, name, lambda *a, **k: None)
@@ -73,11 +75,14 @@ def _child(check: str, build_dir: str) -> None:
 
     with FakeTensorMode(allow_non_fake_inputs=True), Values():
         if check == "runtime":
-            rt = ParallelRuntime.__new__(ParallelRuntime)      # only its collective parts
-            rt.layout = SimpleNamespace(cp=2, dp=2)
+            rt = ParallelRuntime.__new__(ParallelRuntime)      # only its collective parts and batches
+            rt.layout, rt.device = SimpleNamespace(cp=2, dp=2, microbatches=2), CUDA
             loss = torch.zeros((), device=CUDA)                  # the last stage's loss, on the GPU
             rt._global_mean([loss, loss])
             rt.any_rank(True)
+            rt.layout.cp = 1                                     # the schedule's micro-batches, placed
+            tokens = torch.zeros(4, 16, dtype=torch.long)
+            assert {t.device for mb in rt._microbatches(tokens, tokens) for t in mb} == {CUDA}
             expected = {"all_reduce"}
         elif check == "context_parallel":
             comm = CPComm()

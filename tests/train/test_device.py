@@ -83,3 +83,19 @@ def test_train_cli_with_cuda_unavailable_prints_one_line(tmp_path):
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "train.device='cuda' asks for CUDA" in lines[0], r.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_gpu_launches_limit_cuda_connections_for_megatron():
+    assert rank_env(gpu=True)["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
+    assert "CUDA_DEVICE_MAX_CONNECTIONS" not in rank_env(gpu=False)
+
+
+@pytest.mark.parametrize("device, device_id", [(torch.device("cpu"), None), (torch.device("cuda", 1),
+                                                                             torch.device("cuda", 1))])
+def test_process_group_gets_the_configured_timeout_and_the_gpu(monkeypatch, device, device_id):
+    from titans_scale.parallel import state
+    seen = {}
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: seen.update(kw, backend=backend))
+    monkeypatch.setattr(state, "_we_started_dist", False)
+    state._init_process_group("nccl", 0, 1, "tcp://127.0.0.1:1", device, timeout_s=42)
+    assert seen["timeout"].total_seconds() == 42 and seen["device_id"] == device_id

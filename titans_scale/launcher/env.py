@@ -37,4 +37,7 @@ def rank_env(gpu: bool, threads_per_rank: int = 1) -> dict[str, str]:
     }
     if gpu:
         env[DEVICE_ENV] = "cuda"
+        # One hardware queue per GPU: megatron's sequence parallelism needs its all-gathers
+        # issued before the GEMMs that wait on them (read when CUDA creates its context).
+        env["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
     return env

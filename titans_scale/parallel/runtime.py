@@ -39,7 +39,8 @@ class ParallelRuntime:
         lay = self.layout
         self.device = resolve_device(cfg.train.device)
         self.info: ParallelInfo = init_parallel(tp=lay.tp, pp=lay.pp, cp=lay.cp, vpp=lay.vpp if lay.vpp > 1 else None,
-                                                seed=cfg.train.seed, device=self.device)
+                                                seed=cfg.train.seed, device=self.device,
+                                                timeout_s=cfg.parallel.timeout_s)
         # On the device before CP, precision and the engine wrap them (as LocalEngine's model).
         self.chunks = [c.to(self.device) for c in build_chunks(cfg, lay, model)]
         if lay.cp > 1:

@@ -61,7 +61,8 @@ def _check_size(name: str, value: object, minimum: int = 1) -> int:
 
 
 def _init_process_group(
-    backend: str, rank: int | None, world_size: int | None, init_method: str | None, device: torch.device
+    backend: str, rank: int | None, world_size: int | None, init_method: str | None, device: torch.device,
+    timeout_s: int,
 ) -> None:
     global _we_started_dist
     if (rank is None) != (world_size is None):
@@ -78,7 +79,7 @@ def _init_process_group(
         init_method=init_method,
         rank=-1 if rank is None else rank,
         world_size=-1 if world_size is None else world_size,
-        timeout=timedelta(minutes=10),
+        timeout=timedelta(seconds=timeout_s),
         # binds NCCL's communicators to this rank's GPU (no guessing from the current device)
         device_id=device if device.type == "cuda" else None,
     )
@@ -97,13 +98,15 @@ def init_parallel(
     world_size: int | None = None,
     init_method: str | None = None,
     device: torch.device | None = None,
+    timeout_s: int = 1800,
 ) -> ParallelInfo:
     """Join (or reuse) the default process group and build megatron's parallel groups.
 
     tp, pp, cp: tensor-, pipeline- and context-parallel sizes; data parallel gets the rest of
     the world (world_size / (tp * pp * cp)). vpp: virtual pipeline stages per rank (interleaved
     1F1B), None for plain 1F1B. device: this rank's (titans_scale.device.resolve_device; by
-    default its answer for train.device='auto'). backend: "nccl" on CUDA, "gloo" on the CPU, by default.
+    default its answer for train.device='auto'). timeout_s: the process group's collective
+    timeout (parallel.timeout_s). backend: "nccl" on CUDA, "gloo" on the CPU, by default.
     seed: Python, NumPy and torch's default generator get ``seed`` on every rank (the
     data-parallel stream); megatron's tracker adds its model-parallel stream (seed + 2718 +
     tp_rank) and expert stream through ``model_parallel_cuda_manual_seed``.
@@ -126,7 +129,7 @@ def init_parallel(
         torch.cuda.set_device(device)
 
     if not dist.is_initialized():
-        _init_process_group(backend, rank, world_size, init_method, device)
+        _init_process_group(backend, rank, world_size, init_method, device, timeout_s)
     backend = str(dist.get_backend())
     world = dist.get_world_size()
     if world % (tp * pp * cp) != 0:

@@ -35,6 +35,7 @@ class Engine(Protocol):
     dp_rank: int           # which block of the global batch this rank reads
     dp_size: int           # data-parallel ranks (the global batch is dp_size blocks)
     world_size: int        # processes running the model (MFU counts each one's peak)
+    device: torch.device   # where this rank's model and batches live (titans_scale.device)
 
     def summary(self) -> dict:
         """What runs where, for the run's start record (parameters, or the parallel layout)."""
