@@ -40,10 +40,9 @@ def _visible_gpus() -> str:
 
 def _cuda_failure() -> str:
     """Why CUDA cannot be used here ('' when it can)."""
-    if torch.version.cuda is None:
-        return "this torch build has no CUDA"
     if not torch.cuda.is_available():
-        return "torch.cuda.is_available() is False (no driver or no device)"
+        built = torch.version.cuda or torch.version.hip     # ROCm builds answer through torch.cuda too
+        return f"torch.cuda.is_available() is False ({'no driver or no device' if built else 'a CPU-only torch'})"
     try:
         torch.cuda.init()
     except Exception as e:      # a broken driver / device: any of several error types
@@ -63,8 +62,8 @@ def resolve_device(setting: str = "auto") -> torch.device:
         asked = "train.device='cuda'"
     elif launcher == "cuda":
         asked = "--gpus-per-node (the launcher)"
-    elif _visible_gpus():
-        asked = f"train.device='auto' with {_visible_gpus()}"
+    elif visible := _visible_gpus():
+        asked = f"train.device='auto' with {visible}"
     else:
         return torch.device("cpu")
     failure = _cuda_failure()
