@@ -19,6 +19,8 @@ from titans_scale.precision.select import Fp8Backend, PrecisionName
 Allocator = Literal["auto", "tcmalloc", "glibc"]
 # auto picks per memory layer (parallel/context/apply.py); the exact ones: parallel/context/shard.py
 CPStrategy = Literal["auto", "a2a", "state_passing", "ring"]
+# auto: CUDA when GPUs are visible, else the CPU; titans_scale/device.py resolves it
+DeviceName = Literal["auto", "cpu", "cuda"]
 
 
 def _need(ok: bool, key: str, msg: str) -> None:
@@ -78,6 +80,7 @@ class TrainConfig:
     ckpt_every: int = 100
     keep_checkpoints: int = 2
     precision: PrecisionName = "fp32"
+    device: DeviceName = "auto"       # cuda: cuda:LOCAL_RANK under torchrun; unusable CUDA is an error
     max_bad_steps: int = 3            # consecutive non-finite steps before the run stops
     threads: int = 0                  # torch intra-op threads; 0 = torch's default
     retain_memory: bool = True        # CPU (glibc): keep freed memory for reuse, no page faults per step
@@ -117,6 +120,9 @@ class ParallelConfig:
     # state_passing for depth 1, else ring); titans_scale/parallel/context/apply.py
     cp_strategy: CPStrategy = "auto"
     microbatches: int = 1
+    # process-group timeout (NCCL/gloo): long enough for rank 0 to prepare the corpus and the
+    # first step to compile its kernels while the other ranks wait
+    timeout_s: int = 1800
 
 
 @sectioned

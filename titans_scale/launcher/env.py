@@ -1,8 +1,9 @@
 """The environment every rank starts with. torchrun passes its own environment to the ranks,
 so `titans-scale launch` hands this to torchrun and the sbatch script exports it.
 
-The process group backend needs no variable: init_parallel picks NCCL when CUDA is present and
-gloo otherwise, and sets each rank's CUDA device from LOCAL_RANK.
+The process group backend needs no variable: init_parallel picks NCCL on CUDA and gloo on the
+CPU, and each rank's CUDA device is cuda:LOCAL_RANK (titans_scale/device.py). GPU ranks get
+DEVICE_ENV=cuda, so a GPU job on a node where CUDA fails stops with one line, not a CPU run.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from titans_scale.errors import ConfigError
 # so the combined log of many nodes says which rank wrote each line. `${rank}` is substituted
 # by torchrun itself (string.Template), never by a shell: the sbatch script single-quotes it.
 LOG_PREFIX_TEMPLATE = "[rank${rank}]:"
+# "cuda" when the launch gives every rank a GPU (--gpus-per-node); read by titans_scale.device
+DEVICE_ENV = "TITANS_DEVICE"
 
 
 def rank_env(gpu: bool, threads_per_rank: int = 1) -> dict[str, str]:
@@ -20,7 +23,7 @@ def rank_env(gpu: bool, threads_per_rank: int = 1) -> dict[str, str]:
     if threads_per_rank < 1:
         raise ConfigError(f"--threads-per-rank: must be >= 1, got {threads_per_rank}")
     t = str(threads_per_rank)
-    return {
+    env = {
         # Ranks share the node's cores: a fixed thread count per rank avoids oversubscription
         # (torch reads OMP_NUM_THREADS at start-up; MKL's own pool too).
         "OMP_NUM_THREADS": t,
@@ -32,3 +35,9 @@ def rank_env(gpu: bool, threads_per_rank: int = 1) -> dict[str, str]:
         "TITANS_NO_PROGRESS": "1",
         "TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE": LOG_PREFIX_TEMPLATE,
     }
+    if gpu:
+        env[DEVICE_ENV] = "cuda"
+        # One hardware queue per GPU: megatron's sequence parallelism needs its all-gathers
+        # issued before the GEMMs that wait on them (read when CUDA creates its context).
+        env["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
+    return env

@@ -121,7 +121,8 @@ class DeepSpeedEngine:
     def __init__(self, chunks: list, cfg: RunConfig, layout: Layout):
         if len(chunks) != 1:
             raise ValueError("DeepSpeedEngine wraps one model chunk per rank (parallel.vpp=1)")
-        os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+        # DeepSpeed's accelerator is the run's device (the runtime placed the chunk on it)
+        os.environ.setdefault("DS_ACCELERATOR", next(chunks[0].parameters()).device.type)
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(default_extensions_dir()))
         import deepspeed
 

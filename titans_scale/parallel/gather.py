@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from titans_scale.device import collective_device
+
 __all__ = ["gather_full"]
 
 
@@ -24,8 +26,9 @@ def _all_gather_tp(t: torch.Tensor, dim: int) -> torch.Tensor:
     size = dist.get_world_size(group)
     if size == 1:
         return t
+    t = t.to(collective_device(group)).contiguous()
     parts = [torch.empty_like(t) for _ in range(size)]
-    dist.all_gather(parts, t.contiguous(), group=group)
+    dist.all_gather(parts, t, group=group)
     return torch.cat(parts, dim=dim)
 
 
@@ -45,9 +48,10 @@ def gather_full(chunks, values: Callable[[str, torch.nn.Parameter], torch.Tensor
             if t is None:
                 continue
             shape = getattr(p, "ds_shape", p.shape)     # ZeRO-3 keeps an empty local tensor
-            t = t.detach().reshape(shape).float().cpu().clone()   # a copy: grads get reused
+            t = t.detach().reshape(shape).float()
             if getattr(p, "tensor_model_parallel", False):
                 t = _all_gather_tp(t, p.partition_dim)
+            t = t.cpu().clone()                                   # a copy: grads get reused
             if full_name in ("embed.weight", "head.weight"):
                 t = t[: stage.vocab_size]
             mine[full_name] = t

@@ -55,6 +55,7 @@ class MegatronEngine:
     def __init__(self, chunks: list, cfg: RunConfig, layout: Layout):
         o = cfg.optim
         self.weight_decay = o.weight_decay
+        self._on_cpu = next(chunks[0].parameters()).device.type == "cpu"   # the run's device (train.device)
         ddp_config = DistributedDataParallelConfig(
             use_distributed_optimizer=True,
             grad_reduce_in_fp32=True,
@@ -117,12 +118,12 @@ class MegatronEngine:
         """The distributed optimizer's state in model space: per parameter, Adam moments and fp32
         weights shaped like the parameter and keyed by its name ("fully_reshardable": gathered
         over DP on save, sliced on load), so TP, PP and DP sizes may all change on resume.
-        Without CUDA the gather runs over megatron's gloo DP group (its mem-efficient mode),
+        On the CPU (train.device) the gather runs over megatron's gloo DP group (its mem-efficient mode),
         the only one of its two paths that does not move the shards to a GPU."""
         if loading:
             self._allocate_state()
         metadata = {"distrib_optim_sharding_type": "fully_reshardable",
-                    "distrib_optim_fully_reshardable_mem_efficient": not torch.cuda.is_available()}
+                    "distrib_optim_fully_reshardable_mem_efficient": self._on_cpu}
         return self.optimizer.sharded_state_dict(model_sharded_state_dict, is_loading=loading, metadata=metadata)
 
     def _distributed_optimizers(self) -> list:

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from titans_scale.config import RunConfig
+from titans_scale.device import collective_device, place_batch, resolve_device
 from titans_scale.model import TitansLM
 from titans_scale.parallel.build import build_chunks
 from titans_scale.parallel.checkpoint import ShardedCheckpointer
@@ -36,9 +37,12 @@ class ParallelRuntime:
         self.cfg = cfg
         self.layout: Layout = layout or plan_layout(cfg, world_size_from_env())
         lay = self.layout
-        self.info: ParallelInfo = init_parallel(tp=lay.tp, pp=lay.pp, cp=lay.cp,
-                                                vpp=lay.vpp if lay.vpp > 1 else None, seed=cfg.train.seed)
-        self.chunks = build_chunks(cfg, lay, model)
+        self.device = resolve_device(cfg.train.device)
+        self.info: ParallelInfo = init_parallel(tp=lay.tp, pp=lay.pp, cp=lay.cp, vpp=lay.vpp if lay.vpp > 1 else None,
+                                                seed=cfg.train.seed, device=self.device,
+                                                timeout_s=cfg.parallel.timeout_s)
+        # On the device before CP, precision and the engine wrap them (as LocalEngine's model).
+        self.chunks = [c.to(self.device) for c in build_chunks(cfg, lay, model)]
         if lay.cp > 1:
             # Each rank runs its contiguous shard of every sequence; the mixers exchange halos and
             # memory state over megatron's CP group (before DDP wraps the chunks: names unchanged).
@@ -77,7 +81,7 @@ class ParallelRuntime:
         return local_shard(batch, self.info.cp_rank, self.layout.cp, self.cfg.model.chunk_size, dim=1)
 
     def _microbatches(self, inputs: torch.Tensor, targets: torch.Tensor):
-        inputs, targets = self.cp_slice(inputs), self.cp_slice(targets)
+        inputs, targets = place_batch(self.device, self.cp_slice(inputs), self.cp_slice(targets))
         n = self.layout.microbatches
         if inputs.shape[0] % n:
             raise ValueError(f"{inputs.shape[0]} rows per data-parallel rank do not split into "
@@ -87,7 +91,7 @@ class ParallelRuntime:
     # -- steps ------------------------------------------------------------------------------
     def _global_mean(self, losses: list[torch.Tensor]) -> float:
         """Mean loss over micro-batches (last stage) and DP ranks, known to every rank."""
-        t = torch.zeros(1, dtype=torch.float64)
+        t = torch.zeros(1, dtype=torch.float64, device=collective_device())
         if losses:
             t += torch.stack([l.double() for l in losses]).mean()
             if ps.get_tensor_model_parallel_rank() != 0:
@@ -153,7 +157,7 @@ class ParallelRuntime:
         dist.barrier()
 
     def any_rank(self, flag: bool) -> bool:
-        t = torch.tensor([int(flag)])
+        t = torch.tensor([int(flag)], device=collective_device())
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 

@@ -1,8 +1,9 @@
 """Start and stop torch.distributed plus megatron-core's model-parallel groups.
 
 ``init_parallel(tp, pp, cp, vpp)`` is the one entry point every parallel layout goes through:
-it joins the default process group (torchrun's env:// unless told otherwise), turns on the
-CPU development mode when there is no CUDA (titans_scale.parallel.megatron_cpu), builds
+it joins the default process group (torchrun's env:// unless told otherwise) on the run's
+device (titans_scale.device: NCCL on cuda:LOCAL_RANK; gloo and the CPU development mode,
+titans_scale.parallel.megatron_cpu, only when the device is the CPU), builds
 megatron's tensor / pipeline / context / data-parallel groups and seeds its RNG streams.
 ``destroy_parallel()`` undoes it.
 """
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from titans_scale.device import resolve_device
 from titans_scale.errors import ConfigError
 from titans_scale.parallel.megatron_cpu import apply_megatron_cpu_compat
 
@@ -59,7 +61,8 @@ def _check_size(name: str, value: object, minimum: int = 1) -> int:
 
 
 def _init_process_group(
-    backend: str, rank: int | None, world_size: int | None, init_method: str | None
+    backend: str, rank: int | None, world_size: int | None, init_method: str | None, device: torch.device,
+    timeout_s: int,
 ) -> None:
     global _we_started_dist
     if (rank is None) != (world_size is None):
@@ -71,14 +74,14 @@ def _init_process_group(
                 f"init_parallel: environment lacks {', '.join(missing)}; launch with torchrun "
                 "or pass rank=, world_size= and init_method="
             )
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank or 0)) % torch.cuda.device_count())
     dist.init_process_group(
         backend,
         init_method=init_method,
         rank=-1 if rank is None else rank,
         world_size=-1 if world_size is None else world_size,
-        timeout=timedelta(minutes=10),
+        timeout=timedelta(seconds=timeout_s),
+        # binds NCCL's communicators to this rank's GPU (no guessing from the current device)
+        device_id=device if device.type == "cuda" else None,
     )
     _we_started_dist = True
 
@@ -94,12 +97,16 @@ def init_parallel(
     rank: int | None = None,
     world_size: int | None = None,
     init_method: str | None = None,
+    device: torch.device | None = None,
+    timeout_s: int = 1800,
 ) -> ParallelInfo:
     """Join (or reuse) the default process group and build megatron's parallel groups.
 
     tp, pp, cp: tensor-, pipeline- and context-parallel sizes; data parallel gets the rest of
     the world (world_size / (tp * pp * cp)). vpp: virtual pipeline stages per rank (interleaved
-    1F1B), None for plain 1F1B. backend: "nccl" with CUDA, "gloo" otherwise, by default.
+    1F1B), None for plain 1F1B. device: this rank's (titans_scale.device.resolve_device; by
+    default its answer for train.device='auto'). timeout_s: the process group's collective
+    timeout (parallel.timeout_s). backend: "nccl" on CUDA, "gloo" on the CPU, by default.
     seed: Python, NumPy and torch's default generator get ``seed`` on every rank (the
     data-parallel stream); megatron's tracker adds its model-parallel stream (seed + 2718 +
     tp_rank) and expert stream through ``model_parallel_cuda_manual_seed``.
@@ -114,12 +121,15 @@ def init_parallel(
         _check_size("vpp", vpp, minimum=2)
         if pp < 2:
             raise ParallelConfigError(f"vpp={vpp} needs pp >= 2 (it interleaves stages), got pp={pp}")
-    cpu_mode = not torch.cuda.is_available()
+    device = device or resolve_device()     # CUDA asked for but unusable raises: never a silent gloo run
+    cpu_mode = device.type == "cpu"
     if backend is None:
         backend = "gloo" if cpu_mode else "nccl"
+    if not cpu_mode:
+        torch.cuda.set_device(device)
 
     if not dist.is_initialized():
-        _init_process_group(backend, rank, world_size, init_method)
+        _init_process_group(backend, rank, world_size, init_method, device, timeout_s)
     backend = str(dist.get_backend())
     world = dist.get_world_size()
     if world % (tp * pp * cp) != 0:

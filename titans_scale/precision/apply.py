@@ -63,7 +63,8 @@ class Precision:
                     self.converted += convert_tp_linears_to_fp8(m, self.recipe, keep)
             elif self.plan.fp8_backend == "te":   # builds new parameters: optimizer after this
                 self.converted += convert_linears_to_te(m, keep)
-        self.device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        # autocast where the model lives (train.device): CUDA's autocast over CPU tensors is a no-op
+        self.device_type = next(modules[0].parameters()).device.type
 
     def autocast(self):
         stack = contextlib.ExitStack()

@@ -48,6 +48,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from titans_scale.device import collective_device
 from titans_scale.errors import ConfigError
 from titans_scale.precision.recipe import Fp8Recipe, current_scale, delayed_scaling_update
 
@@ -183,16 +184,10 @@ def _reduction_active(group: Any) -> bool:
     return dist.get_world_size(group) > 1
 
 
-def _collective_device(group: Any) -> torch.device:
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def _check_same_module_count(count: int, group: Any) -> None:
     # One tiny collective so a rank that ran different FP8 layers fails clearly instead of
     # all-reducing buffers of different lengths (a hang on NCCL).
-    probe = torch.tensor([count, -count], dtype=torch.float64, device=_collective_device(group))
+    probe = torch.tensor([count, -count], dtype=torch.float64, device=collective_device(group))
     dist.all_reduce(probe, op=dist.ReduceOp.MAX, group=group)
     if int(probe[0]) != -int(probe[1]):
         raise RuntimeError(

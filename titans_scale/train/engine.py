@@ -4,8 +4,8 @@ single-process implementation `LocalEngine`. The parallel one is parallel.runtim
 
 An engine owns the model, optimizer, precision and checkpoint format; the Trainer owns the loop
 (learning-rate schedule, metrics, eval, skipped steps, preemption, resume). Batches reach the
-engine as the loader made them (host tensors): the engine is the one place that would move them,
-and the model, to a device.
+engine as the loader made them (host tensors): the engine is the one place that moves them, and
+the model, to the run's device (titans_scale.device.resolve_device).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Protocol
 import torch
 
 from titans_scale.config import RunConfig
+from titans_scale.device import place_batch, resolve_device
 from titans_scale.model import TitansLM
 from titans_scale.parallel.step import StepResult
 from titans_scale.precision.apply import Precision
@@ -34,6 +35,7 @@ class Engine(Protocol):
     dp_rank: int           # which block of the global batch this rank reads
     dp_size: int           # data-parallel ranks (the global batch is dp_size blocks)
     world_size: int        # processes running the model (MFU counts each one's peak)
+    device: torch.device   # where this rank's model and batches live (titans_scale.device)
 
     def summary(self) -> dict:
         """What runs where, for the run's start record (parameters, or the parallel layout)."""
@@ -74,7 +76,10 @@ class LocalEngine:
         t = cfg.train
         torch.manual_seed(t.seed)
         self.grad_clip = cfg.optim.grad_clip
-        self.model = TitansLM(cfg.model)
+        self.device = resolve_device(t.device)
+        # On the device before precision (its layers and FP8 buffers follow the weights) and
+        # before the optimizer (its state follows the parameters).
+        self.model = TitansLM(cfg.model).to(self.device)
         self.precision = Precision(self.model, cfg)      # before the optimizer: TE makes new params
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, t.steps)
@@ -86,6 +91,7 @@ class LocalEngine:
     def train_step(self, inputs: torch.Tensor, targets: torch.Tensor, lr: float) -> StepResult:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
+        inputs, targets = place_batch(self.device, inputs, targets)
         with self.precision.autocast():
             logits, _ = self.model(inputs)
         loss = lm_loss(logits, targets)
@@ -103,7 +109,8 @@ class LocalEngine:
         return StepResult(loss.item(), grad_norm, applied)
 
     def eval_loss(self, batches: Batches) -> float:
-        return evaluate_loss(self.model, batches, self.precision.autocast)
+        return evaluate_loss(self.model, [place_batch(self.device, x, y) for x, y in batches],
+                             self.precision.autocast)
 
     def latest(self) -> Path | None:
         return self.ckpt.latest()

@@ -1,5 +1,6 @@
-"""The host: its measured matmul rate (the denominator of MFU), peak RSS, thread and
-allocator settings."""
+"""The machine: the peak rate MFU divides by (a GPU's dense bf16 peak by name, else the
+measured matmul rate), peak memory (GPU allocations, or the host's RSS), thread and allocator
+settings."""
 
 from __future__ import annotations
 
@@ -61,11 +62,11 @@ def measured_matmul_flops(dtype: torch.dtype = torch.float32, n: int = 1024, rep
     b = torch.randn(n, n, dtype=dtype, device=device)
 
     def one() -> float:
-        if device == "cuda":
+        if device.startswith("cuda"):
             torch.cuda.synchronize()
         t = time.perf_counter()
         a @ b
-        if device == "cuda":
+        if device.startswith("cuda"):
             torch.cuda.synchronize()
         return time.perf_counter() - t
 
@@ -76,6 +77,31 @@ def measured_matmul_flops(dtype: torch.dtype = torch.float32, n: int = 1024, rep
     while len(times) < repeats or (time.perf_counter() - start < seconds and len(times) < 200):
         times.append(one())
     return 2 * n ** 3 / min(times)
+
+
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, the vendors' data sheets; the first
+# name fragment found in torch.cuda.get_device_name wins (so "H100 PCIe" before "H100").
+GPU_BF16_PEAK_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0))
+
+
+def peak_flops(device: torch.device) -> tuple[float, str]:
+    """MFU's denominator on `device` (FLOP/s) and what it is: a known GPU's dense bf16 peak,
+    else the measured matmul rate (bf16 on an unknown GPU, fp32 on the CPU)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for fragment, tflops in GPU_BF16_PEAK_TFLOPS:
+            if fragment in name:
+                return tflops * 1e12, f"{name} dense bf16 peak"
+        return measured_matmul_flops(torch.bfloat16, device=str(device)), f"{name} measured bf16 matmul"
+    return measured_matmul_flops(), "measured fp32 matmul"
+
+
+def peak_memory_gb(device: torch.device) -> dict[str, float]:
+    """The run's peak memory so far: the host's RSS, and on CUDA the tensors' peak allocation."""
+    mem = {"peak_rss_gb": peak_rss_bytes() / 2**30}
+    if device.type == "cuda":
+        mem["gpu_max_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return mem
 
 
 def peak_rss_bytes() -> int:

@@ -30,7 +30,7 @@ from titans_scale.flops import model_flops_per_token
 from titans_scale.parallel.layout import Layout
 from titans_scale.train.data import RunData, sources_of
 from titans_scale.train.engine import Engine, LocalEngine
-from titans_scale.train.hardware import configure_host, measured_matmul_flops, peak_rss_bytes
+from titans_scale.train.hardware import configure_host, peak_flops, peak_memory_gb
 from titans_scale.train.metrics import MetricsLogger
 from titans_scale.train.optim import lr_lambda
 
@@ -126,15 +126,18 @@ class Trainer:
 
     def run(self) -> dict:
         cfg, t, eng = self.cfg, self.cfg.train, self.engine
-        rate = measured_matmul_flops() * eng.world_size
+        peak, peak_source = peak_flops(eng.device)
+        rate = peak * eng.world_size
         tokens_per_step = cfg.data.batch_size * eng.dp_size * cfg.data.seq_len
         if eng.is_writer:
             unigram = self.data.unigram_entropy()
-            self.metrics.log("start", self.step, **eng.summary(), matmul_flops=rate,
-                             flops_per_token=self.flops_per_token, unigram_loss=unigram, allocator=self.allocator)
-            log.info("%s | %.1f MFLOP/token | fp32 matmul %.1f GFLOP/s | unigram baseline loss %.3f | "
+            self.metrics.log("start", self.step, **eng.summary(), matmul_flops=rate, peak_flops_source=peak_source,
+                             device=str(eng.device), flops_per_token=self.flops_per_token, unigram_loss=unigram,
+                             allocator=self.allocator)
+            log.info("%s | %s | %.1f MFLOP/token | %s %.1f GFLOP/s | unigram baseline loss %.3f | "
                      "%d threads | allocator %s", " | ".join(f"{k} {v}" for k, v in eng.summary().items()),
-                     self.flops_per_token / 1e6, rate / 1e9, unigram, torch.get_num_threads(), self.allocator)
+                     eng.device, self.flops_per_token / 1e6, peak_source, rate / 1e9, unigram,
+                     torch.get_num_threads(), self.allocator)
         bar = _progress(t.progress and eng.is_writer, self.step, t.steps)
         with PreemptionGuard() as guard:
             last = self._loop(guard, bar, rate, tokens_per_step)
@@ -172,7 +175,7 @@ class Trainer:
                 dt = time.perf_counter() - window_t
                 tps = window_tokens / dt
                 last = {"loss": r.loss, "grad_norm": r.grad_norm, "lr": self.lr(), "tokens_per_s": tps,
-                        "mfu": tps * self.flops_per_token / rate, "peak_rss_gb": peak_rss_bytes() / 2**30}
+                        "mfu": tps * self.flops_per_token / rate, **peak_memory_gb(eng.device)}
                 self.metrics.log("train", self.step, **last)
                 if eng.is_writer:
                     _update(bar, self.step, last)
@@ -212,6 +215,8 @@ def _progress(enabled: bool, start: int, total: int):
 def _update(bar, step: int, m: dict) -> None:
     line = (f"loss {m['loss']:.3f} | lr {m['lr']:.2e} | {m['tokens_per_s']:,.0f} tok/s | "
             f"MFU {100 * m['mfu']:.1f}% | rss {m['peak_rss_gb']:.2f} GiB")
+    if "gpu_max_allocated_gb" in m:
+        line += f" | gpu {m['gpu_max_allocated_gb']:.2f} GiB"
     if bar is None:
         log.info("step %d | %s", step, line)
         return

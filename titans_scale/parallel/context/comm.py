@@ -41,6 +41,8 @@ import torch
 import torch.distributed as dist
 from torch.autograd import Function
 
+from titans_scale.device import collective_device
+
 from .shard import CPConfigError
 
 _TAG_SPACE = 1 << 24
@@ -60,6 +62,7 @@ class CPComm:
         self.group = group
         self.rank = dist.get_rank(group)
         self.size = dist.get_world_size(group)
+        self.device = collective_device(group)   # every tensor this module makes for a transfer
         self.stats: dict[tuple[str, str, str], int] = defaultdict(int)
         self._scope = "cp"
         self._tag = 0
@@ -86,6 +89,10 @@ class CPComm:
     def _count(self, op: str, phase: str, n: int, scope: str | None = None) -> None:
         self.stats[(scope or self._scope, phase, op)] += int(n)
 
+    def zero(self) -> torch.Tensor:
+        """A zero token (or a token's gradient) on the group's device."""
+        return torch.zeros((), device=self.device)
+
     def tags(self, n: int) -> int:
         """Reserve n consecutive p2p tags; every rank of the group reserves the same ones."""
         base = self._tag
@@ -100,7 +107,7 @@ class CPComm:
             return
         # one element of each input, times zero: ties the chain to the inputs without a copy
         zeros = [a[(0,) * a.dim()] * 0 for a in anchors if torch.is_tensor(a) and a.requires_grad and a.numel()]
-        token = sum(zeros) if zeros else torch.zeros(())
+        token = sum(zeros) if zeros else self.zero()
         if torch.is_grad_enabled() and not token.requires_grad:
             token = token.detach().requires_grad_(True)
         self._token = token
@@ -118,7 +125,7 @@ class CPComm:
 
     def _chain(self, fn, *args):
         """Run transfer Function fn with the current token; keep the token it returns."""
-        token = self._token if self._token is not None else torch.zeros(())
+        token = self._token if self._token is not None else self.zero()
         out, self._token = fn.apply(token, *args)
         return out
 
@@ -169,7 +176,8 @@ class CPComm:
 
     def all_gather_ints(self, value: int) -> list[int]:
         """One int from every rank (shard lengths); counted, not differentiable."""
-        return [int(v) for v in self.raw_all_gather(torch.tensor([value], dtype=torch.int64), "fwd")[:, 0]]
+        mine = torch.tensor([value], dtype=torch.int64, device=self.device)
+        return [int(v) for v in self.raw_all_gather(mine, "fwd")[:, 0]]
 
     # -- differentiable collectives -------------------------------------------------------
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
@@ -205,10 +213,6 @@ class _Tie(Function):
         return grad, grad.new_zeros(())
 
 
-def _zero() -> torch.Tensor:
-    return torch.zeros(())
-
-
 class _AllGather(Function):
     @staticmethod
     def forward(ctx, token, t, comm: CPComm, scope):
@@ -218,7 +222,7 @@ class _AllGather(Function):
     @staticmethod
     def backward(ctx, grad, _):
         # every rank used every piece: this rank's piece gets the sum of all ranks' gradients
-        return _zero(), ctx.comm.raw_reduce_scatter(grad.contiguous(), "bwd", ctx.scope), None, None
+        return ctx.comm.zero(), ctx.comm.raw_reduce_scatter(grad.contiguous(), "bwd", ctx.scope), None, None
 
 
 class _AllToAll(Function):
@@ -231,7 +235,7 @@ class _AllToAll(Function):
     def backward(ctx, grad, _):
         in_splits, out_splits = ctx.splits
         g = ctx.comm.raw_all_to_all(grad.contiguous(), out_splits, in_splits, "bwd", ctx.scope)
-        return _zero(), g, None, None, None, None
+        return ctx.comm.zero(), g, None, None, None, None
 
 
 class _Broadcast(Function):
@@ -245,7 +249,7 @@ class _Broadcast(Function):
         # the source's input fed every rank's copy: it gets the sum; other inputs were unused
         grad = grad.contiguous()
         total = ctx.comm.raw_all_reduce(grad, "bwd", ctx.scope)
-        return _zero(), (total if ctx.comm.rank == ctx.src else torch.zeros_like(grad)), None, None, None
+        return ctx.comm.zero(), (total if ctx.comm.rank == ctx.src else torch.zeros_like(grad)), None, None, None
 
 
 class _Shift(Function):
@@ -276,4 +280,4 @@ class _Shift(Function):
             works.append(comm.irecv(grad_send, comm.rank + 1, ctx.tag))
         for w in works:
             w.wait()
-        return _zero(), grad_send, None, None, None, None
+        return ctx.comm.zero(), grad_send, None, None, None, None

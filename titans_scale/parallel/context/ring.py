@@ -58,7 +58,8 @@ class _Ring(Function):
         comm, P, r = run.comm, run.comm.size, run.comm.rank
         ins, st0 = tensors[:run.n_in], tensors[run.n_in:run.n_in + run.n_state]
         # backward needs the inputs' shapes and dtypes only (zero-stride views hold no data)
-        ctx.saved_like = [[torch.empty((), dtype=t.dtype).expand(t.shape) for t in ts] for ts in (ins, st0)]
+        ctx.saved_like = [[torch.empty((), dtype=t.dtype, device=t.device).expand(t.shape) for t in ts]
+                          for ts in (ins, st0)]
         m = run.micro_batches
         need = ctx.needs_input_grad[2:]
         any_grad = any(need)
@@ -68,7 +69,7 @@ class _Ring(Function):
         records, received, pending = [None] * m, {}, []
 
         def recv_state(j):
-            head = torch.empty(sum(ndims), dtype=torch.int64)
+            head = torch.empty(sum(ndims), dtype=torch.int64, device=comm.device)
             comm.irecv(head, r - 1, tags + j * (run.n_state + 1)).wait()
             shapes, i = [], 0
             for nd in ndims:
@@ -89,7 +90,7 @@ class _Ring(Function):
                     outs, st_out = run.fn(xs, sts)
                 records[j] = (xs, sts, list(outs), list(st_out))
                 if r < P - 1:
-                    head = torch.tensor([n for s in st_out for n in s.shape], dtype=torch.int64)
+                    head = torch.tensor([n for s in st_out for n in s.shape], dtype=torch.int64, device=comm.device)
                     base = tags + j * (run.n_state + 1)
                     pending.append((comm.isend(head, r + 1, base, "fwd", run.scope), head))
                     for i, s in enumerate(st_out):
@@ -181,7 +182,7 @@ class _Ring(Function):
         out_st = [join(g_st0[i], st0[i], need[n_in + i]) if r == 0 else None for i in range(n_st)]
         it = iter(g_par)
         out_par = [next(it) if p.requires_grad else None for p in ctx.params]
-        return (None, torch.zeros(()), *out_in, *out_st, *out_par)
+        return (None, comm.zero(), *out_in, *out_st, *out_par)
 
 
 def ring_apply(fn: StepFn, inputs: list[torch.Tensor], state0: list[torch.Tensor], comm: CPComm,
@@ -194,7 +195,7 @@ def ring_apply(fn: StepFn, inputs: list[torch.Tensor], state0: list[torch.Tensor
     shard; rank P-1's is the sequence's final state."""
     m = max(1, min(int(micro_batches), inputs[0].shape[0]))
     run = _Run(fn, comm, len(inputs), len(state0), m, scope or comm._scope)
-    token = comm._token if comm._token is not None else torch.zeros(())
+    token = comm._token if comm._token is not None else comm.zero()
     *res, comm._token = _Ring.apply(run, token, *inputs, *state0, *params)
     return list(res[:len(res) - len(state0)]), list(res[len(res) - len(state0):])
 
