@@ -19,7 +19,9 @@ import torch
 import torch.distributed as dist
 
 from titans_scale.errors import ConfigError
-from titans_scale.launcher.env import DEVICE_ENV
+
+# "cuda" when the launch gives every rank a GPU (--gpus-per-node; set by launcher/env.py)
+DEVICE_ENV = "TITANS_DEVICE"
 
 __all__ = ["DeviceError", "collective_device", "place_batch", "resolve_device"]
 

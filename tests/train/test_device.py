@@ -10,7 +10,8 @@ import torch
 import torch.distributed as dist
 
 from titans_scale.device import DeviceError, resolve_device
-from titans_scale.launcher.env import DEVICE_ENV, rank_env
+from titans_scale.device import DEVICE_ENV
+from titans_scale.launcher.env import rank_env
 from titans_scale.parallel.state import init_parallel
 
 

@@ -8,14 +8,13 @@ DEVICE_ENV=cuda, so a GPU job on a node where CUDA fails stops with one line, no
 
 from __future__ import annotations
 
+from titans_scale.device import DEVICE_ENV
 from titans_scale.errors import ConfigError
 
 # torchrun prefixes every line it copies to the console with this (global rank, not local),
 # so the combined log of many nodes says which rank wrote each line. `${rank}` is substituted
 # by torchrun itself (string.Template), never by a shell: the sbatch script single-quotes it.
 LOG_PREFIX_TEMPLATE = "[rank${rank}]:"
-# "cuda" when the launch gives every rank a GPU (--gpus-per-node); read by titans_scale.device
-DEVICE_ENV = "TITANS_DEVICE"
 
 
 def rank_env(gpu: bool, threads_per_rank: int = 1) -> dict[str, str]:
