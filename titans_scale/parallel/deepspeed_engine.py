@@ -26,8 +26,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from titans_scale.config import RunConfig
+from titans_scale.model.params import param_groups
 from titans_scale.parallel.layout import Layout
-from titans_scale.parallel.megatron_engine import no_weight_decay
 
 __all__ = ["DeepSpeedEngine", "MegatronMPU", "default_extensions_dir"]
 
@@ -89,14 +89,6 @@ class _ScheduleView:
         self.module.set_input_tensor(tensor)
 
 
-def _param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
-    for name, p in module.named_parameters():
-        if p.requires_grad:
-            (no_decay if no_weight_decay(name, p) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def ds_config(cfg: RunConfig, layout: Layout) -> dict:
     """DeepSpeed's config for this run (optimizer hyper-parameters live in the client AdamW)."""
     zero = {"stage": layout.zero_stage, "overlap_comm": False, "contiguous_gradients": False,
@@ -128,7 +120,7 @@ class DeepSpeedEngine:
 
         stage = chunks[0]
         o = cfg.optim
-        optimizer = torch.optim.AdamW(_param_groups(stage, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
+        optimizer = torch.optim.AdamW(param_groups(stage, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
                                       eps=o.eps, foreach=True)
         if layout.zero_stage == 3 and stage.post_process and stage.pre_process and stage.tied:
             # The head reads the embedding's weight outside the embedding module: ZeRO-3 must gather it.

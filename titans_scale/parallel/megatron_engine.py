@@ -17,16 +17,10 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
 
 from titans_scale.config import RunConfig
+from titans_scale.model.params import no_weight_decay
 from titans_scale.parallel.layout import Layout
 
-__all__ = ["MegatronEngine", "no_weight_decay"]
-
-
-def no_weight_decay(name: str, param: torch.Tensor) -> bool:
-    """The single-process rule (train/optim.py): decay 2-D+ projections only; not norms, biases,
-    W^0 (init_weights), embeddings (a tied head copy included) or persistent tokens."""
-    return (param.dim() < 2 or "init_weights" in name or name.endswith("embed.weight")
-            or "persistent" in name or getattr(param, "shared_embedding", False))
+__all__ = ["MegatronEngine"]
 
 
 def _keep_step_on_load(opt) -> None:

@@ -7,18 +7,7 @@ import math
 import torch
 
 from titans_scale.config import OptimConfig
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay 2-D+ projection weights; not norms, biases, gates' biases, embeddings or W^0
-    (the memory's initial weights are a state, not a projection)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        keep = p.dim() < 2 or "init_weights" in name or name.endswith("embed.weight") or "persistent" in name
-        (no_decay if keep else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+from titans_scale.model.params import param_groups
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
