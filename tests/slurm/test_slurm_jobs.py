@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.launch.micro import TINY, cli, events, losses, micro, prepare_shards
+from tests.launcher.micro import TINY, cli, events, losses, micro, prepare_shards
 
 START = Path(__file__).with_name("start_slurm.sh")
 STEPS = 60

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.launch.micro import ENV, ROOT, TINY, events, losses, micro, prepare_shards
+from tests.launcher.micro import ENV, ROOT, TINY, events, losses, micro, prepare_shards
 from titans_scale.parallel.launch_utils import find_free_port
 
 DISTRIBUTED = importlib.util.find_spec("titans_scale.parallel.runtime") is not None

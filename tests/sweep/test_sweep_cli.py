@@ -23,7 +23,7 @@ from titans_scale.sweep.plan import load_plan
 from titans_scale.sweep.run import point_overrides
 from titans_scale.train.metrics import read_metrics
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TITANS_NO_PROGRESS": "1"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

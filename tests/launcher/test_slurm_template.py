@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.launch.micro import TINY
+from tests.launcher.micro import TINY
 from titans_scale.cli import main
 from titans_scale.errors import TitansError
 from titans_scale.launcher.slurm import fill
