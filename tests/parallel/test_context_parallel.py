@@ -203,22 +203,25 @@ def cp_results(request, results):
     return request.param, [r[request.param] for r in results]
 
 
-def test_memory_op_matches_single_process(cp_results):
+def _entries(cp_results, kind: str):
+    """(where, entry) of every rank's results of `kind` ("op" or "model")."""
     P, ranks = cp_results
-    for key in [k for k in ranks[0] if k[0] == "op"]:
+    for key in [k for k in ranks[0] if k[0] == kind]:
         for r, res in enumerate(ranks):
-            e = res[key]
-            where = f"cp={P} rank {r} {key}"
-            assert e["position"], where
-            for name in ("y", "state", "grad_inputs", "grad_init"):
-                assert e[name] < OP_TOL, f"{where}: {name} rel err {e[name]:.2e}"
+            yield f"cp={P} rank {r} {key}", res[key]
+
+
+def test_memory_op_matches_single_process(cp_results):
+    for where, e in _entries(cp_results, "op"):
+        assert e["position"], where
+        for name in ("y", "state", "grad_inputs", "grad_init"):
+            assert e[name] < OP_TOL, f"{where}: {name} rel err {e[name]:.2e}"
 
 
 def test_measured_bytes_match_formulas_and_scale(cp_results):
+    for where, e in _entries(cp_results, "op"):
+        assert e["bytes"] == e["bytes_formula"], where
     P, ranks = cp_results
-    for key in [k for k in ranks[0] if k[0] == "op"]:
-        for r, res in enumerate(ranks):
-            assert res[key]["bytes"] == res[key]["bytes_formula"], f"cp={P} rank {r} {key}"
     for r, res in enumerate(ranks):
         short, long = (res[("op", "state_passing", 1, L)]["bytes"] for L in (16, 32))
         assert short == long and short["fwd"] > 0, f"state_passing bytes changed with L: {short} vs {long}"
@@ -232,14 +235,10 @@ def test_measured_bytes_match_formulas_and_scale(cp_results):
 
 
 def test_model_matches_single_process(cp_results):
-    P, ranks = cp_results
-    for key in [k for k in ranks[0] if k[0] == "model"]:
-        for r, res in enumerate(ranks):
-            e = res[key]
-            where = f"cp={P} rank {r} {key}"
-            assert e["grads_missing"] == 0 and e["n_states"] > 0, where
-            for name in ("logits", "grads", "state"):
-                assert e[name] < MODEL_TOL, f"{where}: {name} rel err {e[name]:.2e}"
+    for where, e in _entries(cp_results, "model"):
+        assert e["grads_missing"] == 0 and e["n_states"] > 0, where
+        for name in ("logits", "grads", "state"):
+            assert e[name] < MODEL_TOL, f"{where}: {name} rel err {e[name]:.2e}"
 
 
 # ------------------------------------------------------------------------- TP=2 x CP=2
