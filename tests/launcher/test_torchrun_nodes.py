@@ -49,7 +49,8 @@ def test_two_nodes_with_c10d_rendezvous_train_dp2(tmp_path, shards):
     for r in (0, 1):                                    # per-rank logs, linked by global rank
         (log,) = run.glob(f"logs/launch-*/rank_{r}")
         assert f"rank {r} of 2" in (log / "stderr.log").read_text()
-    assert "DP=2" in read_metrics(run, "start")[0].get("layout", ""), read_metrics(run, "start")   # the trainer's own view
+    start = read_metrics(run, "start")
+    assert "DP=2" in start[0].get("layout", ""), start                       # the trainer's own view
     ls = losses(run)
     assert sorted(ls) == list(range(1, STEPS + 1)) and ls[STEPS] < ls[1] - 0.5, ls
     assert (run / "checkpoints" / "latest").read_text() == f"step_{STEPS:08d}"

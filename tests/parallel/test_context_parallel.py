@@ -59,7 +59,8 @@ def _op_inputs(L, depth, seed, start_mid_chunk):
     q, k = F.normalize(r(B, H, L, D_HEAD), dim=-1), F.normalize(r(B, H, L, D_HEAD), dim=-1)
     v = r(B, H, L, D_HEAD)
     theta = torch.rand(B, H, L, generator=g, dtype=torch.float64) * 0.6
-    eta, alpha = torch.rand(B, H, L, generator=g, dtype=torch.float64), torch.rand(B, H, L, generator=g, dtype=torch.float64) * 0.4
+    eta = torch.rand(B, H, L, generator=g, dtype=torch.float64)
+    alpha = torch.rand(B, H, L, generator=g, dtype=torch.float64) * 0.4
     dims = [D_HEAD] + [2 * D_HEAD] * (depth - 1) + [D_HEAD]
     init = [r(B, H, dims[i], dims[i + 1]) * 0.3 for i in range(depth)]
     if start_mid_chunk:        # continue a stream: a MemoryState 6 tokens in (2 into a chunk)
@@ -279,8 +280,8 @@ def _tp_cp_checks() -> dict:
             dist.all_reduce(g, group=comm.group)
         out[("op", strategy, depth)] = max(
             [_rel(y_cp, y[:, heads, a:b]), *(_rel(s, r[:, heads]) for s, r in zip(st_cp.tensors(), st.tensors())),
-             *(_rel(t.grad, l.grad[:, heads, a:b]) for t, l in zip(loc[:6], leaves[:6])),
-             *(_rel(g, l.grad[:, heads]) for g, l in zip(gi, leaves[6:]))])
+             *(_rel(t.grad, leaf.grad[:, heads, a:b]) for t, leaf in zip(loc[:6], leaves[:6])),
+             *(_rel(g, leaf.grad[:, heads]) for g, leaf in zip(gi, leaves[6:]))])
 
     # model level: the tensor-parallel stage (megatron layers), context-parallel on top
     for strategy, depth, layers in (("a2a", 2, ["mag", "lmm", "swa"]), ("state_passing", 1, ["mal", "mag"]),

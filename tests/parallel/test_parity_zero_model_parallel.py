@@ -14,7 +14,8 @@ import torch
 from tests.helpers import check_every_rank, spawn_layouts
 
 pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(torch.cuda.is_available(), reason="CPU/gloo parity runs; CUDA machines run the GPU suite")]
+              pytest.mark.skipif(torch.cuda.is_available(),
+                                 reason="CPU/gloo parity runs; CUDA machines run the GPU suite")]
 
 LAYOUTS = {
     "tp2_dp2_zero2": dict(tp=2, dp=2, engine="deepspeed", zero=2),

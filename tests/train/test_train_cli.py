@@ -109,7 +109,8 @@ def test_tokenizer_mismatch_is_refused(tmp_path, shards, reference_run):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     t = Tokenizer(models.BPE(unk_token="[UNK]"))
     t.pre_tokenizer = pre_tokenizers.ByteLevel()
-    t.train_from_iterator(["def f(x): return x + 1"] * 50, trainers.BpeTrainer(vocab_size=300, special_tokens=["[UNK]"]))
+    t.train_from_iterator(["def f(x): return x + 1"] * 50,
+                          trainers.BpeTrainer(vocab_size=300, special_tokens=["[UNK]"]))
     t.save(str(tmp_path / "tokenizer.json"))
     cfg = write_micro(tmp_path, shards)
     r = cli("train", "--config", cfg, f"data.tokenizer={tmp_path}/tokenizer.json", check=False)
