@@ -154,7 +154,8 @@ def _formula(spec: dict, lengths: list[int], rank: int) -> dict:
     H = m.get("mem_heads") or m["n_heads"]
     d = m["d_model"] // H
     depth = m.get("mem_depth", 2)
-    W = d * d if depth == 1 else 2 * d * m.get("mem_expansion", 4) * d + (depth - 2) * (m.get("mem_expansion", 4) * d) ** 2
+    hidden = m.get("mem_expansion", 4) * d
+    W = d * d if depth == 1 else 2 * d * hidden + (depth - 2) * hidden ** 2
     shape = MemoryShape(spec["batch"], H, d, d, W, ndims=12 * depth)
     mem = memory_bytes(spec["strategy"], shape, lengths, rank, micro_batches=2 * len(lengths))
     halos = [halo_bytes(n - 1, lengths, rank, m["d_model"] * 4)

@@ -5,8 +5,8 @@ CPU (default when there is no GPU): the chunked PyTorch path with and without re
 resident memory (VmHWM after resetting it through /proc/self/clear_refs, ru_maxrss where
 that is unavailable) above the memory held once its inputs exist, so one run cannot
 inherit another's peak; glibc's mmap threshold is pinned (MALLOC_MMAP_THRESHOLD_) so
-freed tensors leave the resident set and the peak is that of live memory. Configurations predicted to exceed --max-gb are skipped (and
-listed as skipped).
+freed tensors leave the resident set and the peak is that of live memory. Configurations
+predicted to exceed --max-gb are skipped (and listed as skipped).
 
 CUDA: the Triton kernels (with and without recompute) against the chunked path; time,
 peak allocated memory, and achieved fractions of the measured bf16 matmul rate and of

@@ -95,7 +95,8 @@ def main() -> None:
     growth = {}
     for what in ("op", "layer"):
         for impl in ("fused", "chunked"):
-            pts = {r["length"]: r["seconds"] for r in rows if r["what"] == what and r["impl"] == impl and "seconds" in r}
+            pts = {r["length"]: r["seconds"] for r in rows
+                   if r["what"] == what and r["impl"] == impl and "seconds" in r}
             if 4096 in pts and 65536 in pts:
                 growth[f"{what}/{impl}"] = math.log(pts[65536] / pts[4096]) / math.log(16)
     print()

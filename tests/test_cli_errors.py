@@ -3,7 +3,6 @@ status 2; any other exception is a bug and keeps its traceback."""
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 import textwrap
@@ -11,29 +10,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import parser_running, raising
 from titans_scale import cli
 from titans_scale.errors import CheckpointError, ConfigError, DataError
-
-
-def _parser_running(fn):
-    """build_parser with one command, `boom`, that runs fn (main's handling, nothing else)."""
-    def build():
-        p = argparse.ArgumentParser(prog="titans-scale")
-        p.add_subparsers(dest="command", required=True).add_parser("boom").set_defaults(fn=fn)
-        return p
-    return build
-
-
-def _raise(exc: BaseException):
-    def fn(args):
-        raise exc
-    return fn
 
 
 @pytest.mark.parametrize("error", [ConfigError("train.steps: must be >= 1"), DataError("data source 'x' not found"),
                                    CheckpointError("checkpoint 'c' is damaged; delete it")])
 def test_user_error_is_one_line(monkeypatch, capsys, error):
-    monkeypatch.setattr(cli, "build_parser", _parser_running(_raise(error)))
+    monkeypatch.setattr(cli, "build_parser", parser_running(raising(error)))
     assert cli.main(["boom"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"titans-scale boom: error: {error}"
@@ -58,7 +43,7 @@ def test_bad_argument_is_argparse_usage_and_one_error_line(capsys):
 @pytest.mark.parametrize("bug", [ValueError("an internal invariant broke"), KeyError("missing"),
                                  TypeError("bad call")])
 def test_genuine_bug_is_not_swallowed(monkeypatch, capsys, bug):
-    monkeypatch.setattr(cli, "build_parser", _parser_running(_raise(bug)))
+    monkeypatch.setattr(cli, "build_parser", parser_running(raising(bug)))
     with pytest.raises(type(bug)):
         cli.main(["boom"])
     assert "error:" not in capsys.readouterr().err
@@ -68,9 +53,9 @@ def test_genuine_bug_prints_its_traceback():
     script = textwrap.dedent("""
         import sys
         from titans_scale import cli
-        from tests.test_cli_errors import _parser_running, _raise
+        from tests.helpers import parser_running, raising
 
-        cli.build_parser = _parser_running(_raise(ValueError("an internal invariant broke")))
+        cli.build_parser = parser_running(raising(ValueError("an internal invariant broke")))
         sys.exit(cli.main(["boom"]))
     """)
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,

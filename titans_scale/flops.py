@@ -17,10 +17,11 @@ Two counts, because attention as written computes more than it needs:
   mathematics needs, whatever the kernel.
 * ``count="executed"``: what the reference PyTorch paths run (memory impl="chunked", the
   conv through F.conv1d; the default impl="fused" runs the same forward and reruns the
-  inner forward at W_c in its hand-written backward, about 4 of ~22 matmul units). The blocked sliding window attends each
-  block of w queries to 2w keys (about w of them masked), padded to whole blocks, and the first
-  block a second time with its own mask when there are more (model/attention.py); segment and
-  full causal attention compute their whole square (half masked); MAC projects a query for
+  inner forward at W_c in its hand-written backward, about 4 of ~22 matmul units). The blocked
+  sliding window attends each block of w queries to 2w keys (about w of them masked), padded to
+  whole blocks, and the first block a second time with its own mask when there are more
+  (model/attention.py); segment and full causal attention compute their whole square (half
+  masked); MAC projects a query for
   every retrieved memory token it never uses; autograd skips the backward of the last
   chunk's state update (nothing reads the final state); with model.recompute_group the
   backward reruns the memory scan's forward. This equals FlopCounterMode's count

@@ -67,7 +67,7 @@ def chunk_bytes_bwd(C: int, d: int, depth: int, expansion: int = 4, d_out: int |
     if depth == 1:
         state = 2 * w + 4 * w                                      # W, S of the chunk; dW, dS read + written
     else:
-        state = 3 * w + w + 4 * w + 2 * w                          # W in 3 passes, S once; dW, dS read twice, written once
+        state = 3 * w + w + 4 * w + 2 * w           # W in 3 passes, S once; dW, dS read twice, written once
     total = tokens + coefs + state
     if save_stride > 1:
         rerun = chunk_bytes_fwd(C, d, depth, expansion, d_out, in_bytes, 1)

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch.distributed.checkpoint as dcp
 
-from tests.convert.common import leftovers, make_run
+from tests.helpers import leftovers, make_run
 from titans_scale import convert
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")

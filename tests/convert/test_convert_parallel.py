@@ -16,14 +16,12 @@ import copy
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.convert.common import leftovers
+from tests.helpers import SHORT_TRAIN, leftovers, logits_of, micro_config, torchrun, write_config
 from titans_scale import convert
 from titans_scale.convert.safetensors_io import SafetensorsFile, tensor_bytes
 
@@ -31,43 +29,6 @@ pytestmark = [pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
               pytest.mark.skipif(torch.cuda.is_available(), reason="CPU/gloo run")]
 
 WORKER = Path(__file__).with_name("parallel_worker.py")
-CONFIG = """
-[model]
-d_model = 32
-n_heads = 2
-layers = ["swa", "mag", "mac", "lmm"]
-mem_expansion = 2
-chunk_size = 8
-window = 16
-segment_len = 16
-n_persistent = 2
-tie_embeddings = {tied}
-
-[data]
-shard_dir = "{shards}"
-max_bytes = 100000
-seq_len = 32
-batch_size = 4
-
-[optim]
-lr = 3e-3
-warmup_steps = 1
-
-[train]
-steps = 2
-run_dir = "{run}"
-log_every = 1
-eval_every = 100
-eval_batches = 1
-ckpt_every = 2
-progress = false
-tensorboard = false
-
-[parallel]
-tp = 2
-pp = 2
-microbatches = 2
-"""
 TOL = 1e-6
 
 
@@ -80,25 +41,17 @@ def shards(tmp_path_factory):
 def parallel_run(request, tmp_path_factory, shards):
     """(run folder, {tokens, logits} of the trained parallel model) for TP=2 x PP=2, 2 steps."""
     root = tmp_path_factory.mktemp("parallel_run")
-    cfg = root / "run.toml"
-    cfg.write_text(CONFIG.format(tied=str(request.param).lower(), shards=shards, run=root / "run"))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TITANS_NO_PROGRESS": "1"}
-    cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node=4",
-           str(WORKER), str(cfg), str(root / "logits.pt")]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600,
-                       cwd=Path(__file__).parents[2])
-    assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stderr[-4000:]}"
+    cfg = write_config(root / "run.toml", micro_config(
+        shards, root / "run", model={"layers": ["swa", "mag", "mac", "lmm"], "tie_embeddings": request.param},
+        data={"max_bytes": 100000, "seq_len": 32}, optim={"warmup_steps": 1},
+        train={**SHORT_TRAIN, "steps": 2, "ckpt_every": 2}, parallel={"tp": 2, "pp": 2, "microbatches": 2}))
+    torchrun(4, WORKER, cfg, root / "logits.pt", timeout=600)
     return root / "run", torch.load(root / "logits.pt", weights_only=True)
 
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     f = SafetensorsFile(folder / "model.safetensors")
     return {i.name: f.read(i.name) for i in f.infos()}
-
-
-def _logits(model, tokens):
-    with torch.no_grad():
-        return model(tokens)[0]
 
 
 def test_tp2_pp2_to_consolidated_to_tp1_and_back(parallel_run, tmp_path):
@@ -141,7 +94,7 @@ def test_tp2_pp2_to_consolidated_to_tp1_and_back(parallel_run, tmp_path):
               "TP=1": convert.load_model(tp1), "TP=1 via CheckpointManager": trainer_loaded.eval(),
               "consolidated B": convert.load_model(b)}
     for what, model in models.items():
-        got = _logits(model, tokens)
+        got = logits_of(model, tokens)
         err = (got - want).abs().max().item()
         assert err <= TOL, f"{what}: logits differ from the TP=2xPP=2 model's by {err:.3e}"
 

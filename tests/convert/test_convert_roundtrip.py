@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.convert.common import file_sha, fixed_batch, logits_of, make_run, tiny_model_config
+from tests.helpers import file_sha, fixed_batch, logits_of, make_run, tiny_model_config, write_micro
 from titans_scale.config import RunConfig
 from titans_scale.config_io import dump_toml
 from titans_scale import convert
@@ -149,7 +149,6 @@ def test_dcp_written_by_two_ranks_consolidates_to_full_tensors(source, tmp_path)
 def test_trainer_resumes_a_converted_run(tmp_path):
     """The real trainer: a run converted to consolidated and back resumes with the same step,
     weights, optimizer, scheduler, data position and RNG as the original run."""
-    from tests.train.micro import write_micro
     from titans_scale.config import load_run_config
     from titans_scale.train.trainer import Trainer
 

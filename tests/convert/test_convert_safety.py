@@ -14,7 +14,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 
-from tests.convert.common import leftovers, make_run
+from tests.helpers import leftovers, make_run
 from titans_scale import convert
 from titans_scale.io.manifest import write_manifest
 

@@ -22,6 +22,7 @@ import torch
 titans_pytorch = pytest.importorskip("titans_pytorch", reason="titans-pytorch is not installed (pip install "
                                      "titans-pytorch torch==2.13.0)")
 
+from tests.helpers import make_run  # noqa: E402
 from titans_scale.cli import main as cli_main  # noqa: E402
 from titans_scale.convert import IncompatibleError  # noqa: E402
 from titans_scale.convert.titans_pytorch import (  # noqa: E402
@@ -179,8 +180,6 @@ def test_cli_import_and_export(tmp_path, capsys):
 
 
 def test_cli_export_refuses_a_trained_models_memory(tmp_path, capsys):
-    from tests.convert.common import make_run
-
     run, *_ = make_run(tmp_path, step=1, layers=["lmm"], mem_depth=1)
     assert cli_main(["convert", str(run), str(tmp_path / "t"), "--to", "titans-pytorch",
                      "--layer", "blocks.0.mixer.memory", "--accept-read-offset"]) == 2

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from titans_scale.ops import conv
-from tests.ops.memory_inputs import rel_err
+from tests.helpers import rel_err
 
 
 @pytest.mark.parametrize("K", [1, 2, 4, 8])

@@ -7,7 +7,7 @@ import torch
 
 from titans_scale.ops import fused
 from titans_scale.ops.memory import MemoryArgumentError, memory_scan
-from tests.ops.memory_inputs import make_inputs, rel_err
+from tests.helpers import make_inputs, rel_err
 
 
 def _streamed_grads(args, impl, C, cuts):

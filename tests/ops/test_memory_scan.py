@@ -6,7 +6,7 @@ import torch
 
 from titans_scale.ops.memory import MemoryArgumentError, memory_scan
 from titans_scale.ops.mlp import mlp_forward
-from tests.ops.memory_inputs import make_inputs, rel_err
+from tests.helpers import make_inputs, rel_err
 
 
 FAST = [("chunked", 1), ("chunked", 2), ("chunked", 3), ("fused", 1), ("fused", 2)]   # fused: depth 1-2

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from titans_scale.ops import rmsnorm, swiglu
-from tests.ops.memory_inputs import rel_err
+from tests.helpers import rel_err
 
 
 def _grads(f, inputs, probe):

@@ -9,7 +9,7 @@ import torch
 
 from titans_scale.ops import chunked
 from titans_scale.ops.memory import MemoryArgumentError, memory_scan
-from tests.ops.memory_inputs import make_inputs
+from tests.helpers import make_inputs
 
 
 def _grads(args, C, g, start=None, impl="chunked"):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.parallel.parity_helpers import reference
+from tests.helpers import reference
 
 
 @pytest.fixture(scope="session")

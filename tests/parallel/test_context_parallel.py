@@ -59,7 +59,8 @@ def _op_inputs(L, depth, seed, start_mid_chunk):
     q, k = F.normalize(r(B, H, L, D_HEAD), dim=-1), F.normalize(r(B, H, L, D_HEAD), dim=-1)
     v = r(B, H, L, D_HEAD)
     theta = torch.rand(B, H, L, generator=g, dtype=torch.float64) * 0.6
-    eta, alpha = torch.rand(B, H, L, generator=g, dtype=torch.float64), torch.rand(B, H, L, generator=g, dtype=torch.float64) * 0.4
+    eta = torch.rand(B, H, L, generator=g, dtype=torch.float64)
+    alpha = torch.rand(B, H, L, generator=g, dtype=torch.float64) * 0.4
     dims = [D_HEAD] + [2 * D_HEAD] * (depth - 1) + [D_HEAD]
     init = [r(B, H, dims[i], dims[i + 1]) * 0.3 for i in range(depth)]
     if start_mid_chunk:        # continue a stream: a MemoryState 6 tokens in (2 into a chunk)
@@ -203,22 +204,25 @@ def cp_results(request, results):
     return request.param, [r[request.param] for r in results]
 
 
-def test_memory_op_matches_single_process(cp_results):
+def _entries(cp_results, kind: str):
+    """(where, entry) of every rank's results of `kind` ("op" or "model")."""
     P, ranks = cp_results
-    for key in [k for k in ranks[0] if k[0] == "op"]:
+    for key in [k for k in ranks[0] if k[0] == kind]:
         for r, res in enumerate(ranks):
-            e = res[key]
-            where = f"cp={P} rank {r} {key}"
-            assert e["position"], where
-            for name in ("y", "state", "grad_inputs", "grad_init"):
-                assert e[name] < OP_TOL, f"{where}: {name} rel err {e[name]:.2e}"
+            yield f"cp={P} rank {r} {key}", res[key]
+
+
+def test_memory_op_matches_single_process(cp_results):
+    for where, e in _entries(cp_results, "op"):
+        assert e["position"], where
+        for name in ("y", "state", "grad_inputs", "grad_init"):
+            assert e[name] < OP_TOL, f"{where}: {name} rel err {e[name]:.2e}"
 
 
 def test_measured_bytes_match_formulas_and_scale(cp_results):
+    for where, e in _entries(cp_results, "op"):
+        assert e["bytes"] == e["bytes_formula"], where
     P, ranks = cp_results
-    for key in [k for k in ranks[0] if k[0] == "op"]:
-        for r, res in enumerate(ranks):
-            assert res[key]["bytes"] == res[key]["bytes_formula"], f"cp={P} rank {r} {key}"
     for r, res in enumerate(ranks):
         short, long = (res[("op", "state_passing", 1, L)]["bytes"] for L in (16, 32))
         assert short == long and short["fwd"] > 0, f"state_passing bytes changed with L: {short} vs {long}"
@@ -232,14 +236,10 @@ def test_measured_bytes_match_formulas_and_scale(cp_results):
 
 
 def test_model_matches_single_process(cp_results):
-    P, ranks = cp_results
-    for key in [k for k in ranks[0] if k[0] == "model"]:
-        for r, res in enumerate(ranks):
-            e = res[key]
-            where = f"cp={P} rank {r} {key}"
-            assert e["grads_missing"] == 0 and e["n_states"] > 0, where
-            for name in ("logits", "grads", "state"):
-                assert e[name] < MODEL_TOL, f"{where}: {name} rel err {e[name]:.2e}"
+    for where, e in _entries(cp_results, "model"):
+        assert e["grads_missing"] == 0 and e["n_states"] > 0, where
+        for name in ("logits", "grads", "state"):
+            assert e[name] < MODEL_TOL, f"{where}: {name} rel err {e[name]:.2e}"
 
 
 # ------------------------------------------------------------------------- TP=2 x CP=2
@@ -280,8 +280,8 @@ def _tp_cp_checks() -> dict:
             dist.all_reduce(g, group=comm.group)
         out[("op", strategy, depth)] = max(
             [_rel(y_cp, y[:, heads, a:b]), *(_rel(s, r[:, heads]) for s, r in zip(st_cp.tensors(), st.tensors())),
-             *(_rel(t.grad, l.grad[:, heads, a:b]) for t, l in zip(loc[:6], leaves[:6])),
-             *(_rel(g, l.grad[:, heads]) for g, l in zip(gi, leaves[6:]))])
+             *(_rel(t.grad, leaf.grad[:, heads, a:b]) for t, leaf in zip(loc[:6], leaves[:6])),
+             *(_rel(g, leaf.grad[:, heads]) for g, leaf in zip(gi, leaves[6:]))])
 
     # model level: the tensor-parallel stage (megatron layers), context-parallel on top
     for strategy, depth, layers in (("a2a", 2, ["mag", "lmm", "swa"]), ("state_passing", 1, ["mal", "mag"]),

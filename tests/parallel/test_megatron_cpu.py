@@ -282,7 +282,7 @@ def _run_pipeline(vpp: int | None, n_micro: int) -> dict[str, object]:
         "schedule": fb.__name__,
         "pp_rank": info.pp_rank,
         "last": parallel_state.is_pipeline_last_stage(ignore_virtual=True),
-        "losses": [l["loss"] for l in losses],
+        "losses": [r["loss"] for r in losses],
         "grads": {v: (m.w.grad.clone(), m.b.grad.clone()) for v, m in zip(vstages, model)},
     }
     return out

@@ -12,16 +12,13 @@ Slow: `titans-scale train` under torchrun with parallel.cp=4 on 16k-token sequen
 from __future__ import annotations
 
 import math
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.parallel.parity_helpers import ALL_MIXERS, check_parity, reference, train_layout
-from titans_scale.parallel.launch_utils import run_distributed
+from tests.helpers import (ALL_MIXERS, ROOT, SHORT_TRAIN, check_parity, losses, micro_config, reference,
+                           run_command, spawn_layouts, torchrun, write_config)
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
                                 reason="CPU/gloo parity runs; CUDA machines run the GPU suite")
@@ -33,13 +30,10 @@ LAYOUTS = {
 }
 
 
-def _two_rank_worker() -> dict:
-    return {name: train_layout(**layout) for name, (_, layout) in LAYOUTS.items()}
-
-
 @pytest.fixture(scope="module")
 def runs():
-    return run_distributed(_two_rank_worker, 2, backend=None, timeout_s=900)
+    layouts = {name: layout for name, (_, layout) in LAYOUTS.items()}
+    return spawn_layouts(2, layouts)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -57,14 +51,10 @@ FOUR_RANK_LAYOUTS = {
 }
 
 
-def _four_rank_worker() -> dict:
-    return {name: train_layout(**layout) for name, layout in FOUR_RANK_LAYOUTS.items()}
-
-
 @pytest.mark.slow
 def test_cp_with_tp_sp_and_dp_matches_one_process():
     """CP=2 combined with TP=2 (with and without SP) and with DP=2: 4 ranks, same parity."""
-    runs = run_distributed(_four_rank_worker, 4, backend=None, timeout_s=900)
+    runs = spawn_layouts(4, FOUR_RANK_LAYOUTS)
     ref = reference(MAG)
     for rank_result in runs:
         for name in FOUR_RANK_LAYOUTS:
@@ -72,63 +62,23 @@ def test_cp_with_tp_sp_and_dp_matches_one_process():
             check_parity(rank_result[name], *ref)
 
 
-CLI_CONFIG = """
-[model]
-d_model = 32
-n_heads = 2
-mem_heads = 4
-layers = ["mag", "mag"]
-mem_expansion = 2
-chunk_size = 64
-window = 64
-
-[data]
-shard_dir = "{shards}"
-source = "{source}"
-seq_len = 1024
-batch_size = 1
-
-[optim]
-lr = 3e-3
-warmup_steps = 1
-
-[train]
-steps = 2
-run_dir = "{run}"
-log_every = 1
-eval_every = 100
-eval_batches = 1
-ckpt_every = 100
-progress = false
-tensorboard = false
-"""
-
-
-def _cli(cmd: list[str]) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TITANS_NO_PROGRESS": "1"}
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
-    assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stderr[-4000:]}"
-
-
 @pytest.mark.slow
 def test_cli_trains_cp4_on_16k_sequences(tmp_path):
     """4 torchrun ranks, CP=4 (a2a) on 16,384-token sequences: 2 steps, a checkpoint and an eval,
     the losses those of the single-process trainer on the same data."""
-    from titans_scale.train.metrics import read_metrics
-
     config, source = tmp_path / "cp.toml", tmp_path / "corpus.txt"
     # One document of 1.2 MB (byte tokens): its last 2% (the val split) still holds a 16k sequence.
-    text = "".join(p.read_text() for p in sorted((Path(__file__).resolve().parents[2] / "titans_scale").rglob("*.py")))
+    text = "".join(p.read_text() for p in sorted((ROOT / "titans_scale").rglob("*.py")))
     source.write_text((text * (1 + 1_200_000 // len(text)))[:1_200_000])
-    config.write_text(CLI_CONFIG.format(shards=tmp_path / "shards", source=source, run=tmp_path / "one"))
+    write_config(config, micro_config(
+        tmp_path / "shards", tmp_path / "one",
+        model={"mem_heads": 4, "layers": ["mag", "mag"], "chunk_size": 64, "window": 64, "segment_len": None,
+               "n_persistent": None},
+        data={"source": str(source), "seq_len": 1024, "batch_size": 1, "max_bytes": None},
+        optim={"warmup_steps": 1}, train={**SHORT_TRAIN, "steps": 2, "ckpt_every": 100}))
     train = ["-m", "titans_scale.cli", "train", "--config", str(config), "data.seq_len=16384"]
-    _cli([str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node=4", *train,
-          "parallel.cp=4", f"train.run_dir={tmp_path / 'cp4'}"])
-    _cli([sys.executable, *train])                      # the single-process trainer
-
-    def losses(run: Path) -> dict[int, float]:
-        return {m["step"]: m["loss"] for m in read_metrics(run) if "loss" in m}
-
+    torchrun(4, *train, "parallel.cp=4", f"train.run_dir={tmp_path / 'cp4'}", timeout=1800)
+    run_command([sys.executable, *train], timeout=1800)  # the single-process trainer
     cp4, one = losses(tmp_path / "cp4"), losses(tmp_path / "one")
     assert sorted(cp4) == [1, 2], f"expected steps 1-2 logged, got {sorted(cp4)}"
     assert all(math.isfinite(v) and v > 0 for v in cp4.values()), cp4

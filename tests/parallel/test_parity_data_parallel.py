@@ -17,8 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.parallel.parity_helpers import batches, check_parity, make_cfg, train_layout
-from titans_scale.parallel.launch_utils import run_distributed
+from tests.helpers import batches, check_every_rank, make_cfg, spawn_layouts
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
                                 reason="CPU/gloo parity runs; CUDA machines run the GPU suite")
@@ -56,22 +55,18 @@ def _deepspeed_checkpoint(root: str) -> dict:
     return out
 
 
-def _two_rank_worker(root: str) -> dict:
-    out = {name: train_layout(**layout) for name, layout in LAYOUTS.items()}
-    out["checkpoint"] = _deepspeed_checkpoint(root)
-    return out
+def _after_layouts(root: str) -> dict:
+    return {"checkpoint": _deepspeed_checkpoint(root)}
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("zero_ckpt")
-    return run_distributed(_two_rank_worker, 2, str(root), backend=None, timeout_s=900)
+    return spawn_layouts(2, LAYOUTS, _after_layouts, str(tmp_path_factory.mktemp("zero_ckpt")))
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_matches_one_process(runs, ref, layout):
-    for rank_result in runs:
-        check_parity(rank_result[layout], *ref)
+    check_every_rank(runs, layout, ref)
 
 
 def test_zero_checkpoint_resumes_and_other_engine_is_refused(runs):

@@ -20,12 +20,11 @@ the comparison is tight; the bf16 rounding of activations would otherwise domina
 from __future__ import annotations
 
 import dataclasses
-import re
 
 import pytest
 import torch
 
-from tests.parallel.parity_helpers import batches, make_cfg
+from tests.helpers import batches, make_cfg
 from titans_scale.parallel.launch_utils import run_distributed
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(),

@@ -13,8 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.parallel.parity_helpers import batches, check_parity, make_cfg, train_layout
-from titans_scale.parallel.launch_utils import run_distributed
+from tests.helpers import batches, check_every_rank, make_cfg, spawn_layouts
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
                                 reason="CPU/gloo parity runs; CUDA machines run the GPU suite")
@@ -113,23 +112,18 @@ def _reshard_resume(ckpt_root: str) -> dict:
     return out
 
 
-def _two_rank_worker(ckpt_root: str) -> dict:
-    results = {name: train_layout(**layout) for name, layout in LAYOUTS.items()}
-    results["collectives"] = _count_memory_collectives()
-    results["reshard"] = _reshard_resume(ckpt_root)
-    return results
+def _after_layouts(ckpt_root: str) -> dict:
+    return {"collectives": _count_memory_collectives(), "reshard": _reshard_resume(ckpt_root)}
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    ckpt_root = tmp_path_factory.mktemp("reshard")
-    return run_distributed(_two_rank_worker, 2, str(ckpt_root), backend=None, timeout_s=900)
+    return spawn_layouts(2, LAYOUTS, _after_layouts, str(tmp_path_factory.mktemp("reshard")))
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_matches_one_process(runs, ref, layout):
-    for rank_result in runs:
-        check_parity(rank_result[layout], *ref)
+    check_every_rank(runs, layout, ref)
 
 
 def test_memory_update_issues_no_collective_under_tp(runs):

@@ -9,79 +9,16 @@ for steps 16-20. Marked slow: three 4-process launches take a few minutes on 2 c
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-from titans_scale.train.metrics import read_metrics
+from tests.helpers import losses, micro_config, start_from, torchrun_train, write_config
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(torch.cuda.is_available(), reason="CPU/gloo run; CUDA machines run the GPU suite")]
 
-CONFIG = """
-[model]
-d_model = 32
-n_heads = 2
-layers = ["swa", "mag", "mac", "lmm"]
-mem_expansion = 2
-chunk_size = 8
-window = 16
-segment_len = 16
-n_persistent = 2
-
-[data]
-shard_dir = "{shards}"
-max_bytes = 300000
-seq_len = 64
-batch_size = 4
-
-[optim]
-lr = 3e-3
-warmup_steps = 5
-
-[train]
-steps = 20
-run_dir = "{run}"
-log_every = 1
-eval_every = 10
-eval_batches = 1
-ckpt_every = {ckpt_every}
-keep_checkpoints = 4
-progress = false
-tensorboard = false
-
-[parallel]
-tp = 2
-pp = 2
-microbatches = 2
-"""
 DP4 = ["parallel.tp=1", "parallel.pp=1", "parallel.microbatches=1", "data.batch_size=1"]
 REL = 1e-5       # fp32 sums in another order (TP and PP vs DP reductions): equal to rounding
-
-
-def torchrun(config: Path, *overrides: str, nproc: int = 4) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TITANS_NO_PROGRESS": "1"}
-    torchrun_bin = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun_bin), "--standalone", f"--nproc_per_node={nproc}", "-m", "titans_scale.cli", "train",
-           "--config", str(config), *overrides]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
-    assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stderr[-4000:]}"
-
-
-def losses(run: Path) -> dict[int, float]:
-    return {m["step"]: m["loss"] for m in read_metrics(run)}
-
-
-def start_from(src: Path, step: int, dst: Path) -> None:
-    (dst / "checkpoints").mkdir(parents=True)
-    name = f"step_{step:08d}"
-    shutil.copytree(src / "checkpoints" / name, dst / "checkpoints" / name)
-    (dst / "checkpoints" / "latest").write_text(name)
 
 
 def test_tp2_pp2_resumes_as_dp4_and_back(tmp_path):
@@ -89,22 +26,24 @@ def test_tp2_pp2_resumes_as_dp4_and_back(tmp_path):
     runs = {k: tmp_path / k for k in ("a", "b", "c")}
     configs = {}
     for k, every in (("a", 10), ("b", 5), ("c", 10)):
-        configs[k] = tmp_path / f"{k}.toml"
-        configs[k].write_text(CONFIG.format(shards=shards, run=runs[k], ckpt_every=every))
+        configs[k] = write_config(tmp_path / f"{k}.toml", micro_config(
+            shards, runs[k], model={"layers": ["swa", "mag", "mac", "lmm"]},
+            train={"steps": 20, "eval_every": 10, "eval_batches": 1, "ckpt_every": every, "keep_checkpoints": 4},
+            parallel={"tp": 2, "pp": 2, "microbatches": 2}))
 
-    torchrun(configs["a"])                              # TP=2 x PP=2, steps 1-20
+    torchrun_train(configs["a"])                        # TP=2 x PP=2, steps 1-20
     a = losses(runs["a"])
     assert sorted(a) == list(range(1, 21)) and a[20] < a[1], "run A should train 20 steps and learn"
 
     start_from(runs["a"], 10, runs["b"])
-    torchrun(configs["b"], *DP4)                        # DP=4 from A's step 10
+    torchrun_train(configs["b"], *DP4)                  # DP=4 from A's step 10
     b = losses(runs["b"])
     assert sorted(b) == list(range(11, 21))
     for s in range(11, 21):
         assert abs(b[s] - a[s]) <= REL * a[s], f"DP=4 resume: step {s} loss {b[s]} vs TP2xPP2 {a[s]}"
 
     start_from(runs["b"], 15, runs["c"])
-    torchrun(configs["c"])                              # TP=2 x PP=2 from B's step 15
+    torchrun_train(configs["c"])                        # TP=2 x PP=2 from B's step 15
     c = losses(runs["c"])
     assert sorted(c) == list(range(16, 21))
     for s in range(16, 21):

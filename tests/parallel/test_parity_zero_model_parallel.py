@@ -11,11 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.parallel.parity_helpers import check_parity, train_layout
-from titans_scale.parallel.launch_utils import run_distributed
+from tests.helpers import check_every_rank, spawn_layouts
 
 pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(torch.cuda.is_available(), reason="CPU/gloo parity runs; CUDA machines run the GPU suite")]
+              pytest.mark.skipif(torch.cuda.is_available(),
+                                 reason="CPU/gloo parity runs; CUDA machines run the GPU suite")]
 
 LAYOUTS = {
     "tp2_dp2_zero2": dict(tp=2, dp=2, engine="deepspeed", zero=2),
@@ -24,16 +24,11 @@ LAYOUTS = {
 }
 
 
-def _four_rank_worker() -> dict:
-    return {name: train_layout(**layout) for name, layout in LAYOUTS.items()}
-
-
 @pytest.fixture(scope="module")
 def runs():
-    return run_distributed(_four_rank_worker, 4, backend=None, timeout_s=900)
+    return spawn_layouts(4, LAYOUTS)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_matches_one_process(runs, ref, layout):
-    for rank_result in runs:
-        check_parity(rank_result[layout], *ref)
+    check_every_rank(runs, layout, ref)

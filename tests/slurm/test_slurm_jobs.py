@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.launch.micro import TINY, cli, events, losses, micro, prepare_shards
+from tests.helpers import TINY, cli, losses, micro_overrides, prepare_shards
+from titans_scale.train.metrics import read_metrics
 
 START = Path(__file__).with_name("start_slurm.sh")
 STEPS = 60
@@ -76,7 +77,7 @@ def wait_for(job_id: str, done, what: str, timeout: float = 240.0) -> dict[str, 
 def submit(tmp: Path, shards: Path, name: str, ranks: int, job_name: str) -> tuple[str, Path]:
     run = tmp / name
     r = cli("slurm", "submit", "--config", TINY, "--procs-per-node", ranks, "--time", "00:10:00",
-            "--job-name", job_name, *micro(shards, run, STEPS), cwd=tmp)
+            "--job-name", job_name, *micro_overrides(shards, run, STEPS), cwd=tmp)
     job_id = re.search(r'"job_id": "(\d+)"', r.stdout).group(1)
     return job_id, run
 
@@ -135,7 +136,7 @@ def test_usr1_checkpoints_requeues_and_resumes_on_the_same_curve(reference_job, 
     log = (run / "slurm" / f"job-{job_id}.out").read_text()
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, log[-3000:])
 
-    (pre,) = events(run, "preempted")
+    (pre,) = read_metrics(run, "preempted")
     assert pre["signal"] == 10 and 10 <= pre["step"] < STEPS            # SIGUSR1, mid-run
     assert f"requeueing Slurm job {job_id}" in log
     assert f"resumed from {run}/checkpoints/step_{pre['step']:08d}" in log

@@ -5,17 +5,15 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from tests.train.micro import write_micro
+from tests.helpers import ROOT, write_micro
 from titans_scale.config import load_run_config
 from titans_scale.errors import ConfigError
 from titans_scale.train.allocator import find_tcmalloc, preload_env
 from titans_scale.train.metrics import read_metrics
 
-ROOT = Path(__file__).resolve().parents[2]
 ENV = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "TITANS_TCMALLOC", "TITANS_ALLOCATOR_REEXEC")}
 ENV.update(OMP_NUM_THREADS="1", TITANS_NO_PROGRESS="1", PYTHONPATH=os.pathsep.join(
     p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))

@@ -1,10 +1,9 @@
 """Emulated FP8 training (docs/design.md section 7) tracks bf16: same seed, 300 steps, final loss
 within 2%; the FP8 scales land in the checkpoint and a resumed run continues exactly."""
 
-import pytest
 import torch
 
-from tests.train.micro import write_micro
+from tests.helpers import write_micro
 from titans_scale.config import load_run_config
 from titans_scale.precision import Fp8Linear
 from titans_scale.train.metrics import read_metrics

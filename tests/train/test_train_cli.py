@@ -2,29 +2,16 @@
 with one line, evaluates and generates."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.train.micro import write_micro
+from tests.helpers import ENV, cli, losses, write_micro
 from titans_scale.train.metrics import read_metrics
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TITANS_NO_PROGRESS": "1"}
-
-
-def cli(*args, env=None, check=True):
-    r = subprocess.run([sys.executable, "-m", "titans_scale.cli", *map(str, args)], capture_output=True,
-                       text=True, env=env or ENV, timeout=600)
-    if check and r.returncode != 0:
-        raise AssertionError(f"exit {r.returncode}\n{r.stderr[-3000:]}")
-    return r
-
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
@@ -36,10 +23,6 @@ def reference_run(tmp_path_factory, shards):
     tmp = tmp_path_factory.mktemp("ref")
     cli("train", "--config", write_micro(tmp, shards))
     return tmp / "run"
-
-
-def losses(run_dir):
-    return {r["step"]: r["loss"] for r in read_metrics(run_dir, "train")}
 
 
 def test_train_writes_metrics_checkpoints_and_loss_falls(reference_run):
@@ -111,7 +94,7 @@ def test_corrupt_or_truncated_checkpoint_is_refused(tmp_path, shards, reference_
     import shutil
     run = tmp_path / "run"
     shutil.copytree(reference_run, run)
-    cfg = write_micro(tmp_path, shards, extra="").read_text().replace("steps = 12", "steps = 16")
+    cfg = write_micro(tmp_path, shards).read_text().replace("steps = 12", "steps = 16")
     (tmp_path / "c.toml").write_text(cfg)
     shard = next((run / "checkpoints" / "step_00000012" / "model_optim").glob("*.distcp"))
     data = shard.read_bytes()
@@ -126,7 +109,8 @@ def test_tokenizer_mismatch_is_refused(tmp_path, shards, reference_run):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     t = Tokenizer(models.BPE(unk_token="[UNK]"))
     t.pre_tokenizer = pre_tokenizers.ByteLevel()
-    t.train_from_iterator(["def f(x): return x + 1"] * 50, trainers.BpeTrainer(vocab_size=300, special_tokens=["[UNK]"]))
+    t.train_from_iterator(["def f(x): return x + 1"] * 50,
+                          trainers.BpeTrainer(vocab_size=300, special_tokens=["[UNK]"]))
     t.save(str(tmp_path / "tokenizer.json"))
     cfg = write_micro(tmp_path, shards)
     r = cli("train", "--config", cfg, f"data.tokenizer={tmp_path}/tokenizer.json", check=False)

@@ -36,7 +36,8 @@ from .safetensors_io import DTYPES, SafetensorsFile, SafetensorsWriter, TensorIn
 
 FORMAT = "titans-scale-consolidated"
 FORMAT_VERSION = 1
-MODEL_FILE, OPTIM_FILE, TRAINER_FILE, CONFIG_FILE = "model.safetensors", "optimizer.safetensors", "trainer.pt", "config.json"
+MODEL_FILE, OPTIM_FILE = "model.safetensors", "optimizer.safetensors"
+TRAINER_FILE, CONFIG_FILE = "trainer.pt", "config.json"
 KINDS = ("training", "weights", "inference")
 
 

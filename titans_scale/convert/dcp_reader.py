@@ -133,11 +133,13 @@ class DcpReader(CheckpointReader):
             for c in md.chunks:
                 info = self.metadata.storage_data.get(MetadataIndex(key, torch.Size(c.offsets)))
                 if info is None:
-                    raise ConvertError(f"{self.describe()}: no storage recorded for a piece of '{ours}' (corrupt metadata)")
+                    raise ConvertError(f"{self.describe()}: no storage recorded for a piece of '{ours}' "
+                                       "(corrupt metadata)")
                 f = self.dcp_dir / info.relative_path
                 if info.relative_path not in sizes:
                     if not f.is_file():
-                        raise ConvertError(f"shard '{f}' is missing (it holds part of '{ours}'); the checkpoint is partial")
+                        raise ConvertError(f"shard '{f}' is missing (it holds part of '{ours}'); "
+                                           "the checkpoint is partial")
                     sizes[info.relative_path] = f.stat().st_size
                 if info.offset + info.length > sizes[info.relative_path]:
                     raise ConvertError(f"shard '{f}' is truncated ({sizes[info.relative_path]} bytes; "

@@ -1,6 +1,7 @@
 """Read the parallel trainer's checkpoints (megatron TP x PP x DP, parallel/checkpoint.py).
 
-    <run>/checkpoints/step_N/layout.json        {"engine", "tp", "pp", "vpp", "dp", "format": "megatron-dist-checkpointing"}
+    <run>/checkpoints/step_N/layout.json        {"engine", "tp", "pp", "vpp", "dp",
+                                                 "format": "megatron-dist-checkpointing"}
     <run>/checkpoints/step_N/manifest.json      sizes + sha256 of every file (io/manifest.py)
     <run>/checkpoints/step_N/model_optim/       megatron dist_checkpointing, torch_dist backend:
         .metadata, __<rank>_<i>.distcp          a torch.distributed.checkpoint folder

@@ -149,4 +149,5 @@ def check_model_tensors(cfg: ModelConfig, found: list[TensorInfo], where: str) -
                            f"({len(extra)} such); use the run's own config")
 
 
-__all__ = ["CheckpointReader", "TensorInfo", "MODEL", "OPTIM", "GROUP_BYTES", "stream_tensors", "check_model_tensors", "expected_model_tensors"]
+__all__ = ["CheckpointReader", "TensorInfo", "MODEL", "OPTIM", "GROUP_BYTES", "stream_tensors", "check_model_tensors",
+           "expected_model_tensors"]

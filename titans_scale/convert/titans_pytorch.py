@@ -195,7 +195,8 @@ def problems(o: TitansPytorchOptions) -> list[str]:
          f"momentum={o.momentum}, momentum_order={o.momentum_order}, learned_momentum_combine="
          f"{o.learned_momentum_combine}: ours has one first-order momentum")
     for name in ("per_parameter_lr_modulation", "accept_weight_residual", "attn_pool_chunks",
-                 "spectral_norm_surprises", "gated_transition", "qkv_receives_diff_views", "store_with_lookahead_value"):
+                 "spectral_norm_surprises", "gated_transition", "qkv_receives_diff_views",
+                 "store_with_lookahead_value"):
         need(not getattr(o, name), f"{name}=True: ours has no such term")
     need(o.max_grad_norm is None, f"max_grad_norm={o.max_grad_norm}: ours does not clamp surprise gradients")
     need(o.num_kv_per_token == 1, f"num_kv_per_token={o.num_kv_per_token}: ours stores one key/value per token")
@@ -330,4 +331,5 @@ def options_json(o: TitansPytorchOptions) -> dict[str, Any]:
     return dataclasses.asdict(o)
 
 
-__all__ = ["TitansPytorchOptions", "problems", "load_into_module", "import_memory", "export_memory", "READ_OFFSET", "TESTED_VERSION"]
+__all__ = ["TitansPytorchOptions", "problems", "load_into_module", "import_memory", "export_memory", "READ_OFFSET",
+           "TESTED_VERSION"]

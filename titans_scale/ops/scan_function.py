@@ -84,7 +84,8 @@ def _coefficients(theta, eta, alpha, C):
     BH, T = theta.shape
     n = T // C
     cs, cw, P, A, Q = decay_coefficients(*(g.reshape(BH, n, C) for g in (theta, eta, alpha)))
-    return cs.reshape(BH, T).contiguous(), cw.reshape(BH, T).contiguous(), P.contiguous(), A.contiguous(), Q.contiguous()
+    return (cs.reshape(BH, T).contiguous(), cw.reshape(BH, T).contiguous(),
+            P.contiguous(), A.contiguous(), Q.contiguous())
 
 
 def _coefficients_blocked(backend, theta, eta, alpha, C):

@@ -93,7 +93,7 @@ class ParallelRuntime:
         """Mean loss over micro-batches (last stage) and DP ranks, known to every rank."""
         t = torch.zeros(1, dtype=torch.float64, device=collective_device())
         if losses:
-            t += torch.stack([l.double() for l in losses]).mean()
+            t += torch.stack([loss.double() for loss in losses]).mean()
             if ps.get_tensor_model_parallel_rank() != 0:
                 t.zero_()                        # TP ranks hold the same loss: count it once
         dist.all_reduce(t, group=ps.get_model_parallel_group())

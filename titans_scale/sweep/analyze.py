@@ -62,7 +62,8 @@ def chinchilla_to_json(f: ChinchillaFit) -> dict:
 
 def chinchilla_from_json(d: dict) -> ChinchillaFit:
     names = ("E", "A", "B", "alpha", "beta")
-    return ChinchillaFit(**{n: _nan(d[n]) for n in names}, **{f"{n}_ci": _pair(d[f"{n}_ci"]) for n in names + ("a", "b")},
+    return ChinchillaFit(**{n: _nan(d[n]) for n in names},
+                         **{f"{n}_ci": _pair(d[f"{n}_ci"]) for n in names + ("a", "b")},
                          objective=_nan(d["objective"]), n_points=d["n_points"], n_bootstrap=d["n_bootstrap"],
                          ci=d["ci"], samples=np.array([[_nan(v) for v in row] for row in d["samples"]]).reshape(-1, 5))
 
@@ -191,7 +192,8 @@ def plot_sweep(sweep_dir: str | Path) -> list[Path]:
                                          sweep_dir / f"frontier_{variant}.png"))
         if "a" in res["approach2"]:
             runs = _runs(done, loss, nominal=True)
-            written.append(plot_isoflop(runs, isoflop_from_json(res["approach2"]), sweep_dir / f"isoflop_{variant}.png"))
+            written.append(plot_isoflop(runs, isoflop_from_json(res["approach2"]),
+                                        sweep_dir / f"isoflop_{variant}.png"))
     done = _finished(rows, loss)
     if done:
         written.append(plot_variants(done, loss, sweep_dir / "variants.png"))

@@ -73,7 +73,8 @@ class Plan:
 
     def to_json(self) -> dict:
         return {"name": self.name, "design": self.design, "tokens_per_step": self.tokens_per_step,
-                "seq_len": self.seq_len, "data_parallel": self.data_parallel, "flops": "titans_scale.flops, count='model', training step",
+                "seq_len": self.seq_len, "data_parallel": self.data_parallel,
+                "flops": "titans_scale.flops, count='model', training step",
                 "points": [dataclasses.asdict(p) for p in self.points]}
 
     @classmethod
@@ -124,7 +125,6 @@ def point_config(base: RunConfig, spec: SweepSpec, variant: str, i: int, steps: 
 def plan_points(spec: SweepSpec, base: RunConfig | None = None) -> Plan:
     spec.validate()
     base = base or base_run_config(spec)
-    out = spec.sweep.out_dir
     tps = base.data.batch_size * base.data.seq_len * spec.sweep.data_parallel
     points: list[Point] = []
     for variant in spec.sweep.variants:
@@ -135,9 +135,11 @@ def plan_points(spec: SweepSpec, base: RunConfig | None = None) -> Plan:
             for budget in spec.budget_values:
                 tokens = budget / fpt if spec.sweep.design == "isoflop" else budget
                 steps = max(1, round(tokens / tps))
-                name = f"{vname}-d{d}-l{len(probe.model.layers)}-{'C' if spec.sweep.design == 'isoflop' else 'D'}{_tag(budget)}"
-                p = Point(index=len(points), name=name, variant=vname, size_index=i, layers=list(probe.model.layers), d_model=d,
-                          n_layers=len(probe.model.layers), n_heads=probe.model.n_heads, budget=float(budget),
+                kind = "C" if spec.sweep.design == "isoflop" else "D"
+                name = f"{vname}-d{d}-l{len(probe.model.layers)}-{kind}{_tag(budget)}"
+                p = Point(index=len(points), name=name, variant=vname, size_index=i,
+                          layers=list(probe.model.layers), d_model=d, n_layers=len(probe.model.layers),
+                          n_heads=probe.model.n_heads, budget=float(budget),
                           params=param_count(probe.model), params_total=param_count(probe.model, non_embedding=False),
                           flops_per_token=fpt, steps=steps, tokens=steps * tps, flops=fpt * steps * tps,
                           lr=probe.optim.lr)

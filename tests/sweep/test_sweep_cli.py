@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import ENV, ROOT, cli as run_cli
 from titans_scale.cli import main
 from titans_scale.config import load_run_config
 from titans_scale.flops import model_flops_per_token
@@ -23,8 +22,6 @@ from titans_scale.sweep.plan import load_plan
 from titans_scale.sweep.run import point_overrides
 from titans_scale.train.metrics import read_metrics
 
-REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TITANS_NO_PROGRESS": "1"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 MICRO_SPEC = """
@@ -58,7 +55,7 @@ checkpoints_per_run = 4
 
 
 def write_spec(tmp: Path, shards: Path, **subs) -> Path:
-    text = MICRO_SPEC.format(out=tmp / "sweep", repo=REPO, shards=shards)
+    text = MICRO_SPEC.format(out=tmp / "sweep", repo=ROOT, shards=shards)
     for old, new in subs.items():
         text = text.replace(old, new)
     tmp.mkdir(parents=True, exist_ok=True)
@@ -68,8 +65,7 @@ def write_spec(tmp: Path, shards: Path, **subs) -> Path:
 
 
 def cli(*args, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "titans_scale.cli", *map(str, args)], capture_output=True,
-                          text=True, env=env or ENV, cwd=REPO, timeout=600)
+    return run_cli(*args, env=env, cwd=ROOT, check=False)
 
 
 def assert_png(path: Path) -> None:
@@ -215,7 +211,7 @@ def test_cli_fit_recovers_known_exponents(tmp_path):
 
 def test_cluster_spec_renders_without_running(tmp_path, capsys):
     out = tmp_path / "cluster"
-    assert main(["sweep", "plan", "--spec", str(REPO / "sweeps" / "cluster.toml"), f"sweep.out_dir={out}"]) == 0
+    assert main(["sweep", "plan", "--spec", str(ROOT / "sweeps" / "cluster.toml"), f"sweep.out_dir={out}"]) == 0
     plan = load_plan(out)
     assert len(plan.points) == 60 and not [p for p in plan.points if p.skipped]
     assert plan.tokens_per_step == 16 * 4096 * 8

@@ -10,8 +10,9 @@ import sys
 
 import pytest
 
-from tests.launch.micro import ENV, ROOT, TINY, events, losses, micro, prepare_shards
+from tests.helpers import ENV, ROOT, TINY, losses, micro_overrides, prepare_shards
 from titans_scale.parallel.launch_utils import find_free_port
+from titans_scale.train.metrics import read_metrics
 
 DISTRIBUTED = importlib.util.find_spec("titans_scale.parallel.runtime") is not None
 STEPS = 30
@@ -28,7 +29,7 @@ def test_two_nodes_with_c10d_rendezvous_train_dp2(tmp_path, shards):
     run = tmp_path / "run"
     endpoint = f"127.0.0.1:{find_free_port()}"
     cmd = [sys.executable, "-m", "titans_scale.cli", "launch", "--config", str(TINY), "--cpu", "--nnodes", "2",
-           "--nproc-per-node", "1", "--rdzv-endpoint", endpoint, *micro(shards, run, STEPS)]
+           "--nproc-per-node", "1", "--rdzv-endpoint", endpoint, *micro_overrides(shards, run, STEPS)]
     nodes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
                               cwd=tmp_path) for _ in range(2)]
     outs = []
@@ -48,7 +49,8 @@ def test_two_nodes_with_c10d_rendezvous_train_dp2(tmp_path, shards):
     for r in (0, 1):                                    # per-rank logs, linked by global rank
         (log,) = run.glob(f"logs/launch-*/rank_{r}")
         assert f"rank {r} of 2" in (log / "stderr.log").read_text()
-    assert "DP=2" in events(run, "start")[0].get("layout", ""), events(run, "start")   # the trainer's own view
+    start = read_metrics(run, "start")
+    assert "DP=2" in start[0].get("layout", ""), start                       # the trainer's own view
     ls = losses(run)
     assert sorted(ls) == list(range(1, STEPS + 1)) and ls[STEPS] < ls[1] - 0.5, ls
     assert (run / "checkpoints" / "latest").read_text() == f"step_{STEPS:08d}"
@@ -57,7 +59,7 @@ def test_two_nodes_with_c10d_rendezvous_train_dp2(tmp_path, shards):
 def test_plain_torchrun_runs_the_launch_entry_script(tmp_path, shards):
     run = tmp_path / "run"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
-                        str(ROOT / "launch" / "train.py"), "--config", str(TINY), *micro(shards, run, 3)],
+                        str(ROOT / "launch" / "train.py"), "--config", str(TINY), *micro_overrides(shards, run, 3)],
                        capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "titans-scale worker: rank 0 of 1" in r.stderr

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.launch.micro import TINY, fake_slurm_bin, read_argv
+from tests.helpers import TINY, fake_slurm_bin, read_argv
 from titans_scale.cli import main
 
 

@@ -14,13 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.launch.micro import TINY
+from tests.helpers import ROOT, TINY
 from titans_scale.cli import main
 from titans_scale.errors import TitansError
 from titans_scale.launcher.slurm import fill
 from titans_scale.launcher.torchrun import AGENT_MODULE
 
-ROOT = Path(__file__).resolve().parents[2]
 SLURM = ROOT / "slurm"
 
 TORCHRUN_ARGS = ('--nnodes=1 --nproc-per-node=2 \\\n'

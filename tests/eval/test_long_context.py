@@ -20,7 +20,7 @@ from titans_scale.model.config import ModelConfig
 from titans_scale.train.data import IGNORE, RunData
 from titans_scale.train.trainer import Trainer
 
-RECIPE = Path(__file__).resolve().parents[1] / "configs" / "recall"
+RECIPE = Path(__file__).resolve().parents[2] / "configs" / "recall"
 # The recipe, shrunk to train in about a minute per model on 2 cores: a narrower model on
 # shorter rows of needles only (no corpus rows), with a larger inner step (max_lr 0.1 learns
 # faster; the recipe's 0.03 is what keeps the memory stable over 32k+ tokens). When recall

@@ -213,7 +213,7 @@ def test_plots_write_pngs(tmp_path, fits):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the plots themselves must not warn
         assert_png(plot_isoflop(runs, fit_isoflop(runs, bootstrap=20), tmp_path / "sub" / "iso.png"))
-        frontier_runs = [(n, d, None, float(l)) for n, d, l in zip(*sweep_grid(0))]
+        frontier_runs = [(n, d, None, float(loss)) for n, d, loss in zip(*sweep_grid(0))]
         assert_png(plot_frontier(fits[0], frontier_runs, tmp_path / "frontier.png"))
 
     with pytest.raises(FitInputError, match="runs"):
