@@ -6,7 +6,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from titans_scale import flops_memory as fm
 from titans_scale.ops.chunked import chunk_step, decay_coefficients
-from tests.ops.memory_inputs import make_inputs
+from tests.helpers import make_inputs
 
 
 @pytest.mark.parametrize("depth,E,C,d", [(1, 1, 16, 8), (1, 1, 64, 32), (2, 4, 16, 8), (2, 3, 8, 16)])

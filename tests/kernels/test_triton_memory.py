@@ -24,7 +24,7 @@ if (not km.INTERPRETED and not torch.cuda.is_available()) or km.INTERPRETER_BROK
 
 from titans_scale.ops.memory import MemoryArgumentError, _resolve, memory_scan  # noqa: E402
 from titans_scale.ops.state import MemoryState  # noqa: E402
-from tests.ops.memory_inputs import make_inputs, rel_err  # noqa: E402
+from tests.helpers import make_inputs, rel_err  # noqa: E402
 
 DEVICE = "cpu" if km.INTERPRETED else "cuda"
 

@@ -5,7 +5,7 @@ parallelism's transfers (tokens, shard lengths, the ring's shape headers), the T
 No GPU here: the collectives are intercepted (they record the device of what they are handed
 and move nothing), the group's backend answers 'nccl', and tensors are FakeTensorMode's, which
 can live on a fake cuda:0 on this CPU-only torch. That needs a fake CUDA device guard
-(tests/fake_cuda.py), so each check runs in a child process. The runtime's check also shows
+(tests/helpers.py), so each check runs in a child process. The runtime's check also shows
 its micro-batches placed on the device.
 """
 
@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.fake_cuda import guard_source_dir, run_child
+from tests.helpers import guard_source_dir, run_child
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def _child(check: str, build_dir: str) -> None:
     from megatron.core import parallel_state as ps
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from tests.fake_cuda import CUDA, Values, load_guard
+    from tests.helpers import CUDA, Values, load_guard
     from titans_scale.parallel import gather
     from titans_scale.parallel.context.comm import CPComm
     from titans_scale.parallel.context.ring import ring_apply

@@ -2,7 +2,7 @@
 `cuda:0` (torch's FakeTensorMode on this CPU-only build): any op that mixes devices raises
 FakeTensorDeviceMismatchError, so a missing placement fails here instead of on the cluster.
 
-What runs on fake CUDA tensors (the guard that makes most of it possible: tests/fake_cuda.py):
+What runs on fake CUDA tensors (the guard that makes most of it possible: tests/helpers.py):
 the whole forward (embedding, causal conv, memory scan, attention, loss) recording autograd
 history, gradient clipping, AdamW, the scheduler, and evaluation. What does not, and how:
 - Backward cannot run: the autograd engine asks for a real accelerator ("Cannot access
@@ -19,7 +19,7 @@ import sys
 
 import pytest
 
-from tests.fake_cuda import guard_source_dir, run_child
+from tests.helpers import guard_source_dir, run_child
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +44,8 @@ def _child(scenario: str, build_dir: str, run_dir: str) -> None:
                                                unset_fake_temporarily)
 
     import titans_scale.train.engine as engine_mod
-    from tests.fake_cuda import CUDA as cuda
-    from tests.fake_cuda import Values, load_guard
+    from tests.helpers import CUDA as cuda
+    from tests.helpers import Values, load_guard
     from titans_scale.config import RunConfig
 
     load_guard(build_dir)
