@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import machine, parse_bench_args, peak_rss_mb, run_child, table, timed, write  # noqa: E402
+from common import (  # noqa: E402
+    growth_exponents, machine, parse_bench_args, peak_rss_mb, run_child, table, timed, write)
 
 SHAPE = dict(d_model=256, n_heads=4, mem_depth=2, mem_expansion=4, chunk_size=64)
 
@@ -92,13 +92,7 @@ def main() -> None:
                               a.timeout)
                 rows.append(r)
                 print(json.dumps(r), flush=True)
-    growth = {}
-    for what in ("op", "layer"):
-        for impl in ("fused", "chunked"):
-            pts = {r["length"]: r["seconds"] for r in rows
-                   if r["what"] == what and r["impl"] == impl and "seconds" in r}
-            if 4096 in pts and 65536 in pts:
-                growth[f"{what}/{impl}"] = math.log(pts[65536] / pts[4096]) / math.log(16)
+    growth = growth_exponents(rows, ("what", "impl"), 4096, 65536)
     print()
     print(table(rows, [("what", "what", ""), ("impl", "impl", ""), ("length", "tokens", "{:,}"),
                        ("tokens_per_s", "tokens/s", "{:,.0f}"), ("seconds", "s/step", "{:.3f}"),

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -21,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
 
-from common import machine, parse_bench_args, peak_rss_mb, run_child, table, timed, write  # noqa: E402
+from common import (  # noqa: E402
+    growth_exponents, machine, parse_bench_args, peak_rss_mb, run_child, table, timed, write)
 
 VARIANTS = {
     "mag": ["swa", "mag", "swa", "mag"],
@@ -85,13 +85,7 @@ def main() -> None:
                                          "threads": a.threads}, a.timeout)
                 rows.append(r)
                 print(json.dumps(r), flush=True)
-    growth = {}
-    for conf in a.configs.split(","):
-        for variant in a.variants.split(","):
-            pts = {r["length"]: r["seconds"] for r in rows
-                   if r["config"] == conf and r["variant"] == variant and "seconds" in r}
-            if 2048 in pts and 16384 in pts:
-                growth[f"{conf}/{variant}"] = math.log(pts[16384] / pts[2048]) / math.log(8)
+    growth = growth_exponents(rows, ("config", "variant"), 2048, 16384)
     print()
     print(table(rows, [("config", "config", ""), ("variant", "variant", ""), ("length", "tokens", "{:,}"),
                        ("tokens_per_s", "tokens/s", "{:,.0f}"), ("mfu", "MFU", "{:.1%}"),

@@ -4,6 +4,7 @@ measurement's own), collect JSON, print a table, write bench/results/<name>.json
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import subprocess
@@ -94,6 +95,17 @@ def machine() -> dict:
         load = None
     return {"python": platform.python_version(), "cpus": os.cpu_count(), "load_avg_1m": load,
             "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def growth_exponents(rows: list[dict], group_by: tuple[str, ...], short: int, long: int) -> dict[str, float]:
+    """Per group of rows (keyed "a/b" by the values of `group_by`): the exponent g of step time
+    ~ L^g between `short` and `long` tokens, where both were measured."""
+    seconds: dict[str, dict[int, float]] = {}
+    for r in rows:
+        if "seconds" in r:
+            seconds.setdefault("/".join(str(r[k]) for k in group_by), {})[r["length"]] = r["seconds"]
+    return {name: math.log(pts[long] / pts[short]) / math.log(long / short)
+            for name, pts in seconds.items() if short in pts and long in pts}
 
 
 def table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
