@@ -4,7 +4,9 @@
     ->  `latest` (a file naming step_N) replaced atomically  ->  older step_* folders pruned
 
 A crash at any moment leaves the previous checkpoint and `latest` untouched (`latest` moves only
-once step_N is whole); leftovers of a crash (.step_*.tmp) are removed by the next prune.
+once step_N is whole); leftovers of a crash (.step_*.tmp) are removed by the next prune. Resume
+trusts the step_* folders themselves (each appeared whole), newest verified first: `latest` is a
+hint for people and tools, and losing it never restarts a run from step 0.
 TITANS_TEST_KILL_AT=<point>:<step> makes the process SIGKILL itself at a named point, so tests
 prove it (points: save_mid, written by the caller mid-write; save_before_latest, here).
 """
