@@ -366,6 +366,11 @@ def file_sha(p: Path) -> str:
     return hashlib.sha256(Path(p).read_bytes()).hexdigest()
 
 
+def tree_sha(root: Path) -> dict[str, str]:
+    """Every file and folder under `root` with its content hash: equal before and after means untouched."""
+    return {str(p.relative_to(root)): file_sha(p) if p.is_file() else "dir" for p in sorted(Path(root).rglob("*"))}
+
+
 def leftovers(parent: Path) -> list[str]:
     """Temporary folders a failed conversion must not leave behind."""
     return sorted(p.name for p in Path(parent).iterdir() if ".convert-" in p.name)

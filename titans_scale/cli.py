@@ -20,7 +20,7 @@ import json
 import logging
 import sys
 
-from titans_scale.errors import TitansError
+from titans_scale.errors import ConfigError, TitansError
 
 
 def _distributed_launch(cfg) -> bool:
@@ -69,6 +69,12 @@ def _cmd_generate(args) -> int:
     from titans_scale.train.generate import generate
     from titans_scale.train.load import load_trained
 
+    if not args.prompt:
+        raise ConfigError("--prompt is empty: give at least one character to continue")
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise ConfigError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
     cfg, model = load_trained(args.run_dir, args.overrides)
     tok = load_tokenizer(cfg.data.tokenizer)
     prompt = torch.tensor([tok.encode(args.prompt)], dtype=torch.long)

@@ -87,10 +87,15 @@ class TrainConfig:
     allocator: Allocator = "auto"
     progress: bool = True
     tensorboard: bool = True
+    resume_fallback: bool = True      # a damaged newest checkpoint: resume from the newest verified one
 
     def validate(self) -> None:
         _need(self.steps >= 1, "train.steps", "must be >= 1")
+        _need(self.log_every >= 1, "train.log_every", "must be >= 1 (a step count; use train.steps to log once)")
+        _need(self.eval_every >= 1, "train.eval_every",
+              "must be >= 1 (a step count; use train.steps to evaluate once, at the end)")
         _need(self.ckpt_every >= 1, "train.ckpt_every", "must be >= 1")
+        _need(self.threads >= 0, "train.threads", "must be >= 0 (0 = torch's default)")
         _need(self.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1")
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from titans_scale.errors import CheckpointError
 from titans_scale.io.atomic import staged_dir, write_json_atomic, write_text_atomic
-from titans_scale.io.commit import LATEST, latest_checkpoint, staged_checkpoint, step_folder
+from titans_scale.io.commit import LATEST, latest_checkpoint, resume_checkpoint, staged_checkpoint, step_folder
 from titans_scale.io.manifest import verify_manifest
 
 
@@ -60,3 +60,22 @@ def test_checkpoint_commit_moves_latest_last_and_prunes(tmp_path):
         with staged_checkpoint(ck, 4, keep=2):
             raise ValueError("crash mid-write")
     assert latest_checkpoint(ck) == ck / "step_00000003" and not (ck / "step_00000004").exists()
+
+
+def test_resume_scans_verified_folders_and_never_silently_starts_over(tmp_path):
+    """`latest` is a hint: without it the newest step_* is found; a damaged newest one falls back
+    (or is refused naming the older); none verifying is refused, never step 0 (issue 22)."""
+    ck = tmp_path / "checkpoints"
+    assert resume_checkpoint(ck) is None                # nothing yet: a fresh start
+    for step in (1, 2):
+        with staged_checkpoint(ck, step, keep=2) as tmp:
+            (tmp / "trainer.pt").write_bytes(bytes([step]) * 10)
+    (ck / LATEST).unlink()
+    assert latest_checkpoint(ck) == resume_checkpoint(ck) == ck / "step_00000002"
+    (ck / "step_00000002" / "trainer.pt").write_bytes(b"x")
+    assert resume_checkpoint(ck) == ck / "step_00000001"
+    with pytest.raises(CheckpointError, match="truncated.*step_00000001.*resume_fallback=true"):
+        resume_checkpoint(ck, fallback=False)
+    (ck / "step_00000001" / "trainer.pt").write_bytes(b"y")
+    with pytest.raises(CheckpointError, match="no older checkpoint verifies.*--fresh"):
+        resume_checkpoint(ck)

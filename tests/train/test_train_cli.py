@@ -2,6 +2,7 @@
 with one line, evaluates and generates."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import time
 import pytest
 import torch
 
-from tests.helpers import ENV, cli, losses, write_micro
+from tests.helpers import ENV, cli, losses, tree_sha, write_micro
 from titans_scale.train.metrics import read_metrics
 
 @pytest.fixture(scope="module")
@@ -99,9 +100,75 @@ def test_corrupt_or_truncated_checkpoint_is_refused(tmp_path, shards, reference_
     shard = next((run / "checkpoints" / "step_00000012" / "model_optim").glob("*.distcp"))
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])
-    _one_error_line(cli("train", "--config", tmp_path / "c.toml", check=False), "truncated")
+    no_fallback = "train.resume_fallback=false"          # the default falls back (test below)
+    _one_error_line(cli("train", "--config", tmp_path / "c.toml", no_fallback, check=False), "truncated")
     shard.write_bytes(data[:-8] + b"garbage!")
-    _one_error_line(cli("train", "--config", tmp_path / "c.toml", check=False), "checksum")
+    _one_error_line(cli("train", "--config", tmp_path / "c.toml", no_fallback, check=False), "checksum")
+
+
+def _copy_of(reference_run, tmp_path, shards):
+    """A copy of the reference run at <tmp_path>/run and its config."""
+    shutil.copytree(reference_run, tmp_path / "run")
+    return tmp_path / "run", write_micro(tmp_path, shards)
+
+
+def test_lost_latest_pointer_resumes_from_the_newest_checkpoint(tmp_path, shards, reference_run):
+    """Issue 22, data loss 2: without `latest` the run was retrained from step 0 over its checkpoints."""
+    run, cfg = _copy_of(reference_run, tmp_path, shards)
+    (run / "checkpoints" / "latest").unlink()
+    cli("train", "--config", cfg, "train.steps=16")
+    assert [r["step"] for r in read_metrics(run, "start")] == [0, 12]
+    assert [r["step"] for r in read_metrics(run, "train")] == list(range(1, 17))    # nothing retrained
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_older_verified_one(tmp_path, shards, reference_run):
+    run, cfg = _copy_of(reference_run, tmp_path, shards)
+    shard = next((run / "checkpoints" / "step_00000012" / "model_optim").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    before = tree_sha(run)
+    r = cli("train", "--config", cfg, "train.steps=16", "train.resume_fallback=false", check=False)
+    _one_error_line(r, "truncated", "step_00000008", "train.resume_fallback=true")
+    assert tree_sha(run) == before                     # a refused resume changes nothing
+    r = cli("train", "--config", cfg, "train.steps=16")
+    said = [ln for ln in r.stderr.splitlines() if "older verified checkpoint" in ln]
+    assert len(said) == 1 and "step_00000008" in said[0] and "truncated" in said[0], r.stderr
+    assert [r["step"] for r in read_metrics(run, "start")] == [0, 8]
+    assert sorted(losses(run)) == list(range(1, 17))
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_failed_checkpoint_write_stops_with_one_line(tmp_path, shards, reference_run, monkeypatch, capsys):
+    """Issue 22, data loss 3: a checkpoint that cannot be written (injected: CI runs as root, so a
+    read-only folder would not stop it) is tried once more, then stops the run in one line."""
+    from titans_scale.cli import main as cli_main
+    from titans_scale.io import commit
+    real, tries = commit.write_manifest, []
+
+    def failing(folder):
+        if "step_00000008" in folder.name:
+            tries.append(folder)
+            raise PermissionError(13, "Permission denied", str(folder))
+        real(folder)
+
+    monkeypatch.setattr(commit, "write_manifest", failing)
+    assert cli_main(["train", "--config", str(write_micro(tmp_path, shards))]) == 2
+    err = capsys.readouterr().err
+    ck = tmp_path / "run" / "checkpoints"
+    lines = [ln for ln in err.splitlines() if "error:" in ln]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert "step 8" in lines[0] and f"'{ck}'" in lines[0] and "PermissionError" in lines[0], lines[0]
+    assert len(tries) == 2                             # tried once more
+    assert (ck / "latest").read_text() == "step_00000004"
+    assert sorted(p.name for p in ck.iterdir()) == ["latest", "step_00000004"]
+
+
+def test_bad_values_give_one_line(tmp_path, shards, reference_run):
+    cfg = write_micro(tmp_path, shards)
+    for bad in ("train.eval_every=0", "train.log_every=0", "train.threads=-3"):
+        _one_error_line(cli("train", "--config", cfg, bad, check=False), bad.split("=")[0])
+    for args, flag in [(("--prompt", ""), "--prompt"), (("--prompt", "def ", "--max-new-tokens", "-5"),
+                       "--max-new-tokens"), (("--prompt", "def ", "--temperature", "-1"), "--temperature")]:
+        _one_error_line(cli("generate", "--run-dir", reference_run, *args, check=False), flag)
 
 
 def test_tokenizer_mismatch_is_refused(tmp_path, shards, reference_run):

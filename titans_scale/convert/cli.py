@@ -8,7 +8,8 @@
 
 SRC may be a run folder (its newest checkpoint), a step_N folder, a DCP folder, a
 consolidated folder, or the parallel trainer's megatron TP x PP checkpoint (run folder, step_N
-or model_optim/; weights only). DST must not exist (or pass --overwrite); it appears only when complete.
+or model_optim/; weights only). DST must not exist (or pass --overwrite, which replaces only an earlier
+conversion's output), must not overlap SRC, and appears only when complete.
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ def add_convert_parser(sub) -> None:
 
 def run_convert(args) -> int:
     from titans_scale import convert  # noqa: PLC0415
+    from titans_scale.convert.atomic import check_not_overlapping  # noqa: PLC0415
 
+    check_not_overlapping(args.src, args.dst)
     if args.block_mb < 1:
         raise convert.ConvertError(f"--block-mb must be >= 1, got {args.block_mb}")
     run = None
@@ -86,7 +89,7 @@ def _export_titans_pytorch(reader, args) -> Path:
         raise ConvertError(f"--layer {args.layer}: no tensors under it in {reader.describe()}")
     opts, sd = export_memory(reader.model_config(), {k: reader.read(k) for k in keys},
                              accept_read_offset=args.accept_read_offset, prefix=prefix)
-    with staged_output(args.dst, args.overwrite) as tmp:
+    with staged_output(args.dst, args.overwrite, src=args.src) as tmp:
         save_file(sd, str(tmp / "state_dict.safetensors"))
         (tmp / "options.json").write_text(json.dumps(options_json(opts), indent=1))
     return Path(args.dst)
@@ -122,7 +125,7 @@ def _import_titans_pytorch(args) -> Path:
     if not isinstance(sd, dict):
         raise ConvertError(f"'{src}' holds a {type(sd).__name__}, not a state dict")
     cfg, ours = import_memory(sd, options, accept_read_offset=args.accept_read_offset)
-    with staged_output(args.dst, args.overwrite) as tmp:
+    with staged_output(args.dst, args.overwrite, src=args.src) as tmp:
         save_file(ours, str(tmp / "memory.safetensors"))
         (tmp / "config.json").write_text(json.dumps({
             "format": LAYER_FORMAT, "format_version": 1, "model": dataclasses.asdict(cfg),

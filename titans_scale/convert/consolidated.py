@@ -189,7 +189,7 @@ def write_consolidated(reader: CheckpointReader, out: str | Path, *, kind: str |
     if kind == "training":
         sections.append((OPTIM_FILE, OPTIM, [i for i in infos if i.name.startswith(OPTIM)]))
     table: dict[str, dict] = {}
-    with staged_output(out, overwrite) as tmp:
+    with staged_output(out, overwrite, src=reader.path) as tmp:
         for fname, prefix, items in sections:
             stored = [TensorInfo(i.name[len(prefix):], i.shape, dtype if (dtype and i.dtype.is_floating_point)
                                  else i.dtype) for i in items]

@@ -172,7 +172,7 @@ def write_training_checkpoint(reader: CheckpointReader, out: str | Path, *, run_
     values = reader.values() if training else {}
     step = reader.step() or 0
     name = step_folder(step)
-    with staged_output(out, overwrite) as tmp:
+    with staged_output(out, overwrite, src=reader.path) as tmp:
         ckpt = checkpoint_dir(tmp) / name
         ckpt.mkdir(parents=True)
         planner = _LazySavePlanner(reader, block_bytes)

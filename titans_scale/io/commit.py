@@ -4,13 +4,16 @@
     ->  `latest` (a file naming step_N) replaced atomically  ->  older step_* folders pruned
 
 A crash at any moment leaves the previous checkpoint and `latest` untouched (`latest` moves only
-once step_N is whole); leftovers of a crash (.step_*.tmp) are removed by the next prune.
+once step_N is whole); leftovers of a crash (.step_*.tmp) are removed by the next prune. Resume
+trusts the step_* folders themselves (each appeared whole), newest verified first: `latest` is a
+hint for people and tools, and losing it never restarts a run from step 0.
 TITANS_TEST_KILL_AT=<point>:<step> makes the process SIGKILL itself at a named point, so tests
 prove it (points: save_mid, written by the caller mid-write; save_before_latest, here).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from contextlib import contextmanager
@@ -18,10 +21,12 @@ from pathlib import Path
 
 from titans_scale.errors import CheckpointError
 from titans_scale.io.atomic import staged_dir, staging_path, write_text_atomic
-from titans_scale.io.manifest import write_manifest
+from titans_scale.io.manifest import verify_manifest, write_manifest
 
 CHECKPOINTS = "checkpoints"      # <run_dir>/checkpoints/step_*/
 LATEST = "latest"
+
+log = logging.getLogger(__name__)
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -38,16 +43,47 @@ def kill_point(name: str, step: int) -> None:
         os.kill(os.getpid(), 9)
 
 
+def checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Every step_* folder, newest first. Each was renamed into place whole, so the folders
+    themselves are the truth; `latest` is only a hint (a crash or a user can lose it)."""
+    return sorted((p for p in ckpt_dir.glob("step_*") if p.is_dir()), reverse=True)
+
+
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    """The folder `latest` names (None before the first complete checkpoint)."""
-    f = ckpt_dir / LATEST
-    if not f.is_file():
-        return None
-    name = f.read_text().strip()
-    if not name or "/" in name or not (ckpt_dir / name).is_dir():
-        raise CheckpointError(f"'{f}' names '{name}', which is not a checkpoint folder; "
-                              "point it at an existing step_* folder or delete it to start afresh")
-    return ckpt_dir / name
+    """The newest complete checkpoint (None before the first one)."""
+    found = checkpoints(ckpt_dir)
+    return found[0] if found else None
+
+
+def resume_checkpoint(ckpt_dir: Path, fallback: bool = True) -> Path | None:
+    """The newest checkpoint whose manifest verifies (None when there is no checkpoint at all).
+    A damaged newer one is skipped with a warning if `fallback`, else refused in one line that
+    names the older good one; none verifying is refused (a run with checkpoints is never
+    silently trained over from step 0)."""
+    found = checkpoints(ckpt_dir)
+    for i, folder in enumerate(found):
+        try:
+            verify_manifest(folder)
+        except CheckpointError as e:
+            older = next((p for p in found[i + 1:] if _verifies(p)), None)
+            if older is None:
+                raise CheckpointError(f"{e}; no older checkpoint verifies either: repair it, or pass --fresh "
+                                      "to train from step 0 over this run") from None
+            if not fallback:
+                raise CheckpointError(f"{e}; the older checkpoint '{older}' verifies: resume from it with "
+                                      "train.resume_fallback=true, or move the damaged one aside") from None
+            log.warning("%s: resuming from the older verified checkpoint '%s'", e, older)
+            return older
+        return folder
+    return None
+
+
+def _verifies(folder: Path) -> bool:
+    try:
+        verify_manifest(folder)
+    except CheckpointError:
+        return False
+    return True
 
 
 def commit_checkpoint(ckpt_dir: Path, name: str, keep: int) -> None:
@@ -79,5 +115,5 @@ def staged_checkpoint(ckpt_dir: Path, step: int, keep: int, owner: bool = True):
     commit_checkpoint(ckpt_dir, name, keep)
 
 
-__all__ = ["CHECKPOINTS", "LATEST", "checkpoint_dir", "commit_checkpoint", "kill_point", "latest_checkpoint",
-           "staged_checkpoint", "step_folder"]
+__all__ = ["CHECKPOINTS", "LATEST", "checkpoint_dir", "checkpoints", "commit_checkpoint", "kill_point",
+           "latest_checkpoint", "resume_checkpoint", "staged_checkpoint", "step_folder"]

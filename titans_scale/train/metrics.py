@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -26,8 +27,12 @@ class MetricsLogger:
         if not self.enabled:
             return
         rec = {"kind": kind, "step": step, "time": round(time.time(), 3), **values}
+        # Strict JSON: a non-finite value is written null and named under "nonfinite".
+        bad = [k for k, v in values.items() if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            rec.update({k: None for k in bad}, nonfinite=bad)
         with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+            f.write(json.dumps(rec, allow_nan=False) + "\n")
         if self._tb is not None:
             for k, v in values.items():
                 if isinstance(v, (int, float)):

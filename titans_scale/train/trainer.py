@@ -25,8 +25,9 @@ from titans_scale.config import RunConfig
 from titans_scale.config_io import dump_toml
 from titans_scale.data.shards import prepare_corpus
 from titans_scale.data.tokenizer import load_tokenizer
-from titans_scale.errors import TitansError
+from titans_scale.errors import CheckpointError, TitansError
 from titans_scale.flops import model_flops_per_token
+from titans_scale.io.commit import checkpoint_dir, resume_checkpoint
 from titans_scale.parallel.layout import Layout
 from titans_scale.train.data import RunData, sources_of
 from titans_scale.train.engine import Engine, LocalEngine
@@ -102,10 +103,22 @@ class Trainer:
                 "tokenizer": self.data.tokenizer.fingerprint()}
 
     def save(self) -> Path:
-        return self.engine.save(self.step, self.trainer_state())
+        """Write a checkpoint; a failed write (permissions, disk full) is tried once more, then
+        stops the run in one line (the previous checkpoint stays the latest, nothing is damaged)."""
+        try:
+            return self.engine.save(self.step, self.trainer_state())
+        except OSError as e:
+            log.warning("checkpoint at step %d failed (%s): trying once more", self.step, e)
+        try:
+            return self.engine.save(self.step, self.trainer_state())
+        except OSError as e:
+            raise CheckpointError(
+                f"could not write the checkpoint of step {self.step} in '{checkpoint_dir(self.run_dir)}' "
+                f"({type(e).__name__}: {e}), twice: stopping; step {self.step} is not saved, the last saved "
+                f"checkpoint is {self.engine.latest() or 'none'}") from None
 
     def _resume(self) -> None:
-        folder = self.engine.latest()
+        folder = resume_checkpoint(checkpoint_dir(self.run_dir), self.cfg.train.resume_fallback)
         if folder is None:
             if self.engine.is_writer:
                 log.info("no checkpoint in %s: starting afresh", self.run_dir / "checkpoints")
