@@ -104,18 +104,21 @@ class Trainer:
 
     def save(self) -> Path:
         """Write a checkpoint; a failed write (permissions, disk full) is tried once more, then
-        stops the run in one line (the previous checkpoint stays the latest, nothing is damaged)."""
-        try:
-            return self.engine.save(self.step, self.trainer_state())
-        except OSError as e:
-            log.warning("checkpoint at step %d failed (%s): trying once more", self.step, e)
-        try:
-            return self.engine.save(self.step, self.trainer_state())
-        except OSError as e:
-            raise CheckpointError(
-                f"could not write the checkpoint of step {self.step} in '{checkpoint_dir(self.run_dir)}' "
-                f"({type(e).__name__}: {e}), twice: stopping; step {self.step} is not saved, the last saved "
-                f"checkpoint is {self.engine.latest() or 'none'}") from None
+        stops the run in one line (the previous checkpoint stays the latest, nothing is damaged).
+        A parallel save is collective (barriers): one rank retrying alone would wait for ranks
+        that moved on, so there the first failure stops the run (torchrun ends the others)."""
+        tries = 2 if self.engine.world_size == 1 else 1
+        for attempt in range(1, tries + 1):
+            try:
+                return self.engine.save(self.step, self.trainer_state())
+            except OSError as e:
+                if attempt < tries:
+                    log.warning("checkpoint at step %d failed (%s): trying once more", self.step, e)
+                    continue
+                raise CheckpointError(
+                    f"could not write the checkpoint of step {self.step} in '{checkpoint_dir(self.run_dir)}' "
+                    f"({type(e).__name__}: {e}; {tries} tries): stopping; step {self.step} is not saved, the last "
+                    f"saved checkpoint is {self.engine.latest() or 'none'}") from None
 
     def _resume(self) -> None:
         folder = resume_checkpoint(checkpoint_dir(self.run_dir), self.cfg.train.resume_fallback)
