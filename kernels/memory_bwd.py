@@ -22,7 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .memory_fwd import gelu, gelu_grad, gelu_grad2, load_rows
+from .memory_fwd import gelu, gelu_grad, gelu_grad2, hidden_tile, load_rows
 
 
 @triton.jit
@@ -137,10 +137,9 @@ def _bwd_mlp2(
         # pass A: the prediction error at W_c
         pred = tl.zeros((BLOCK_C, BLOCK_D), dtype=tl.float32)
         for j0 in range(0, HID, BLOCK_J):
-            rj = j0 + tl.arange(0, BLOCK_J)
-            mj = rj < HID
-            W1 = tl.load(sw1_ptr + state + rd[:, None] * HID + rj[None, :], mask=md[:, None] & mj[None, :], other=0.0)
-            W2 = tl.load(sw2_ptr + state + rj[:, None] * D + rd[None, :], mask=mj[:, None] & md[None, :], other=0.0)
+            m1, m2, o1, o2 = hidden_tile(j0, rd, md, HID, D, BLOCK_J)
+            W1 = tl.load(sw1_ptr + state + o1, mask=m1, other=0.0)
+            W2 = tl.load(sw2_ptr + state + o2, mask=m2, other=0.0)
             pred += tl.dot(gelu(tl.dot(k, W1, input_precision=PRECISION)), W2, input_precision=PRECISION)
         err = k + pred - v
 
@@ -151,12 +150,7 @@ def _bwd_mlp2(
         m2s = tl.zeros((BLOCK_C, BLOCK_D), dtype=tl.float32)       # left_2 dS2 = z dS2
         m2w = tl.zeros((BLOCK_C, BLOCK_D), dtype=tl.float32)
         for j0 in range(0, HID, BLOCK_J):
-            rj = j0 + tl.arange(0, BLOCK_J)
-            mj = rj < HID
-            m1 = md[:, None] & mj[None, :]
-            m2 = mj[:, None] & md[None, :]
-            o1 = rd[:, None] * HID + rj[None, :]
-            o2 = rj[:, None] * D + rd[None, :]
+            m1, m2, o1, o2 = hidden_tile(j0, rd, md, HID, D, BLOCK_J)
             W1 = tl.load(sw1_ptr + state + o1, mask=m1, other=0.0)
             W2 = tl.load(sw2_ptr + state + o2, mask=m2, other=0.0)
             dW1 = tl.load(dw1_ptr + bh * W_SIZE + o1, mask=m1, other=0.0)
@@ -188,12 +182,7 @@ def _bwd_mlp2(
         acc_a = tl.zeros((BLOCK_D, BLOCK_J), dtype=tl.float32)
         acc_q = tl.zeros((BLOCK_D, BLOCK_J), dtype=tl.float32)
         for j0 in range(0, HID, BLOCK_J):
-            rj = j0 + tl.arange(0, BLOCK_J)
-            mj = rj < HID
-            m1 = md[:, None] & mj[None, :]
-            m2 = mj[:, None] & md[None, :]
-            o1 = rd[:, None] * HID + rj[None, :]
-            o2 = rj[:, None] * D + rd[None, :]
+            m1, m2, o1, o2 = hidden_tile(j0, rd, md, HID, D, BLOCK_J)
             W1 = tl.load(sw1_ptr + state + o1, mask=m1, other=0.0)
             W2 = tl.load(sw2_ptr + state + o2, mask=m2, other=0.0)
             S1 = tl.load(ss1_ptr + state + o1, mask=m1, other=0.0)
@@ -238,12 +227,7 @@ def _bwd_mlp2(
         dy = load_rows(dy_ptr, bh, T, tok, rd, mc, md, D)
         dq = dy                                                             # the skip path
         for j0 in range(0, HID, BLOCK_J):
-            rj = j0 + tl.arange(0, BLOCK_J)
-            mj = rj < HID
-            m1 = md[:, None] & mj[None, :]
-            m2 = mj[:, None] & md[None, :]
-            o1 = rd[:, None] * HID + rj[None, :]
-            o2 = rj[:, None] * D + rd[None, :]
+            m1, m2, o1, o2 = hidden_tile(j0, rd, md, HID, D, BLOCK_J)
             W1 = tl.load(sw1_ptr + state + o1, mask=m1, other=0.0)
             W2 = tl.load(sw2_ptr + state + o2, mask=m2, other=0.0)
             hq = tl.dot(q, W1, input_precision=PRECISION)

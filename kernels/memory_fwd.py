@@ -39,6 +39,16 @@ _INV_SQRT2PI = tl.constexpr(0.3989422804014327)
 
 
 @triton.jit
+def hidden_tile(j0, rd, md, HID, D, BLOCK_J: tl.constexpr):
+    """Masks and offsets of hidden tile [j0, j0 + BLOCK_J) in W1 [D, HID] (its columns) and
+    W2 [HID, D] (its rows): (mask1, mask2, offsets1, offsets2)."""
+    rj = j0 + tl.arange(0, BLOCK_J)
+    mj = rj < HID
+    mask1, mask2 = md[:, None] & mj[None, :], mj[:, None] & md[None, :]
+    return mask1, mask2, rd[:, None] * HID + rj[None, :], rj[:, None] * D + rd[None, :]
+
+
+@triton.jit
 def gelu(h):
     """Exact (erf) GELU, as torch.nn.functional.gelu."""
     return 0.5 * h * (1.0 + tl.math.erf(h * _INV_SQRT2))
@@ -135,12 +145,11 @@ def _fwd_mlp2(
             q = load_rows(q_ptr, bh, T, tok, rd, mc, md, D)
             y = q
         for j0 in range(0, HID, BLOCK_J):
-            rj = j0 + tl.arange(0, BLOCK_J)
-            mj = rj < HID
-            off1 = bh * W_SIZE + rd[:, None] * HID + rj[None, :]         # W1 [D, HID], columns rj
-            off2 = bh * W_SIZE + rj[:, None] * D + rd[None, :]           # W2 [HID, D], rows rj
-            W1 = tl.load(w1_ptr + off1, mask=md[:, None] & mj[None, :], other=0.0)
-            W2 = tl.load(w2_ptr + off2, mask=mj[:, None] & md[None, :], other=0.0)
+            m1, m2, o1, o2 = hidden_tile(j0, rd, md, HID, D, BLOCK_J)
+            off1 = bh * W_SIZE + o1                                      # W1 [D, HID], this tile's columns
+            off2 = bh * W_SIZE + o2                                      # W2 [HID, D], this tile's rows
+            W1 = tl.load(w1_ptr + off1, mask=m1, other=0.0)
+            W2 = tl.load(w2_ptr + off2, mask=m2, other=0.0)
             zk = gelu(tl.dot(k, W1, input_precision=PRECISION))
             pred += tl.dot(zk, W2, input_precision=PRECISION)
             if WRITE_Y:
@@ -161,12 +170,7 @@ def _fwd_mlp2(
         tl.debug_barrier()
         # pass 2: per hidden tile, the layer gradients and the momentum / weight update
         for j0 in range(0, HID, BLOCK_J):
-            rj = j0 + tl.arange(0, BLOCK_J)
-            mj = rj < HID
-            m1 = md[:, None] & mj[None, :]
-            m2 = mj[:, None] & md[None, :]
-            o1 = rd[:, None] * HID + rj[None, :]
-            o2 = rj[:, None] * D + rd[None, :]
+            m1, m2, o1, o2 = hidden_tile(j0, rd, md, HID, D, BLOCK_J)
             W1 = tl.load(w1_ptr + bh * W_SIZE + o1, mask=m1, other=0.0)
             W2 = tl.load(w2_ptr + bh * W_SIZE + o2, mask=m2, other=0.0)
             S1 = tl.load(s1_ptr + bh * W_SIZE + o1, mask=m1, other=0.0)
