@@ -171,7 +171,7 @@ def test_prepare_user_files(tmp_path, hf_path):
     assert (train == tok.eos_id).sum() == idx.splits["train"].documents
     with pytest.raises(DataError, match="tokenizer mismatch"):
         open_shards(tmp_path / "out", BYTE)
-    with pytest.raises(DataError, match="tokenizer mismatch.*new data directory or overwrite=True"):
+    with pytest.raises(DataError, match="tokenizer mismatch.*new data directory or --overwrite"):
         prepare_corpus(tmp_path / "out", BYTE, [src], val_fraction=0.2)
 
 
@@ -214,6 +214,20 @@ def test_prepare_errors(tmp_path):
         prepare_corpus(tmp_path / "o5", BYTE, [tmp_path / "d"])
     with pytest.raises(DataError, match="no shard index"):
         open_shards(tmp_path / "nothing")
+
+
+def test_prepare_refuses_binary_input_and_keeps_text_with_a_stray_byte(tmp_path):
+    elf = b"\x7fELF\x02\x01\x01" + bytes(range(256)) * 40             # a binary renamed .txt
+    (tmp_path / "prog.txt").write_bytes(elf)
+    with pytest.raises(DataError, match=r"prog.txt: NUL byte at offset 7: this is a binary file"):
+        prepare_corpus(tmp_path / "o1", BYTE, [tmp_path / "prog.txt"])
+    latin1 = "caf\xe9 cr\xe8me br\xfbl\xe9e\n".encode("latin-1") * 50   # not UTF-8, no NUL
+    (tmp_path / "latin1.txt").write_bytes(latin1)
+    with pytest.raises(DataError, match=r"latin1.txt: 200 invalid UTF-8 sequences .* first at offset 3"):
+        prepare_corpus(tmp_path / "o2", BYTE, [tmp_path / "latin1.txt"])
+    text = ("def f(x):\n    return x\n" * 200).encode() + b"\xff" + b"# end\n"   # one stray byte: kept
+    (tmp_path / "code.txt").write_bytes(text)
+    assert prepare_corpus(tmp_path / "o3", BYTE, [tmp_path / "code.txt"]).num_tokens("train") > 0
 
 
 def test_corrupt_index_and_truncated_shard(tmp_path):

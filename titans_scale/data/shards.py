@@ -13,6 +13,7 @@ Shards are read through `np.memmap`: a 100 GB corpus costs no RAM.
 from __future__ import annotations
 
 import bisect
+import codecs
 import hashlib
 import json
 import math
@@ -172,6 +173,32 @@ def _user_files(sources: Sequence[str | Path]) -> list[tuple[Path, str]]:
     return out
 
 
+def _check_text(path: Path, block: int = 1 << 20) -> None:
+    """Refuse a file that is not text: any NUL byte, or invalid UTF-8 beyond one sequence per
+    1,000 bytes (a stray bad byte in real text is kept, replaced; a binary file is not)."""
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    bad, first, pos = 0, None, 0
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            nul = chunk.find(b"\0")
+            if nul >= 0:
+                raise DataError(f"{path}: NUL byte at offset {pos + nul}: this is a binary file, not text; "
+                                "pass UTF-8 .txt/.jsonl files")
+            rest = chunk
+            while True:
+                try:
+                    decoder.decode(rest)
+                    break
+                except UnicodeDecodeError as e:         # offsets within this chunk (approximate across chunks)
+                    bad, first = bad + 1, pos + e.start if first is None else first
+                    decoder.reset()
+                    rest = rest[e.end:]
+            pos += len(chunk)
+    if bad > max(8, pos // 1000):
+        raise DataError(f"{path}: {bad} invalid UTF-8 sequences in {pos} bytes (the first at offset {first}): "
+                        "not UTF-8 text; convert it to UTF-8")
+
+
 _TXT_BLOCK_CHARS = 1 << 23  # a big .txt file is tokenized in line-aligned blocks of ~8M chars
 
 
@@ -309,10 +336,11 @@ def prepare_corpus(out_dir: str | Path, tokenizer: Tokenizer, sources: str | Pat
         idx = open_shards(out)
         if idx.tokenizer != tokenizer.fingerprint():
             raise DataError(f"tokenizer mismatch: shards in '{out}' were made with '{idx.tokenizer}', not "
-                            f"'{tokenizer.fingerprint()}'; use a new data directory or overwrite=True")
+                            f"'{tokenizer.fingerprint()}'; use a new data directory or --overwrite "
+                            "(overwrite=True from Python)")
         if idx.sources != sources_fp:
             raise DataError(f"shards in '{out}' were made from other sources ({idx.sources}, now {sources_fp}); "
-                            "use a new data directory or overwrite=True")
+                            "use a new data directory or --overwrite (overwrite=True from Python)")
         return idx
 
     out.mkdir(parents=True, exist_ok=True)
@@ -328,6 +356,8 @@ def prepare_corpus(out_dir: str | Path, tokenizer: Tokenizer, sources: str | Pat
         docs: Iterable[tuple[str, Iterable[str]]] = ((d.name, (d.text,)) for s in SPLITS for d in corpus[s])
         split_for = {d.name: s for s in SPLITS for d in corpus[s]}
     else:
+        for path, _ in files:
+            _check_text(path)
         docs = _iter_user_docs(files)
         split_for = None
     eos = np.array([tokenizer.eos_id], dtype=np.int64) if tokenizer.eos_id is not None else None
