@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
 from titans_scale.errors import ConfigError
+from titans_scale.io.atomic import write_text_atomic
 
 T = TypeVar("T")
 
@@ -434,9 +435,7 @@ def save_config(cfg: Any, path: str | Path) -> Path:
     """Write `dump_toml(cfg)` to `path` atomically (a crash never leaves half a file)."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(dump_toml(cfg), encoding="utf-8")
-    tmp.replace(p)
+    write_text_atomic(p, dump_toml(cfg))
     return p
 
 

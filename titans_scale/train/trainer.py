@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from titans_scale.config import RunConfig
-from titans_scale.config_io import dump_toml
+from titans_scale.config_io import save_config
 from titans_scale.data.shards import prepare_corpus
 from titans_scale.data.tokenizer import load_tokenizer
 from titans_scale.errors import CheckpointError, TitansError
@@ -92,7 +92,7 @@ class Trainer:
         if resume:
             self._resume()
         if self.engine.is_writer:
-            (self.run_dir / "config.toml").write_text(dump_toml(cfg))
+            save_config(cfg, self.run_dir / "config.toml")
         self.metrics = MetricsLogger(self.run_dir, tensorboard=t.tensorboard, enabled=self.engine.is_writer)
         self.val_batches = self.data.val_loader(t.eval_batches)
         self.flops_per_token = model_flops_per_token(cfg.model, cfg.data.seq_len)
