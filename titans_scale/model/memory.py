@@ -61,6 +61,10 @@ class NeuralMemory(nn.Module):
         self.init_weights = nn.ParameterList(
             [nn.Parameter(torch.randn(H, i, o) / math.sqrt(i) * (0.0 if cfg.mem_depth == 1 else 1.0))
              for i, o in shapes])
+        # The normalised residual memory's outer affine (docs/design.md section 3), per head;
+        # trained by the outer loss, never by the inner update.
+        self.ln_weight = nn.Parameter(torch.ones(H, d)) if cfg.mem_norm else None
+        self.ln_bias = nn.Parameter(torch.zeros(H, d)) if cfg.mem_norm else None
         self.out_norm = RMSNorm(d, cfg.norm_eps)
         self.out_gate = nn.Linear(D, H * d, bias=False)
         self.out = nn.Linear(H * d, D, bias=False)
@@ -123,9 +127,15 @@ class NeuralMemory(nn.Module):
             conv = self.qkv(torch.cat([before.new_zeros(batch, k - before.shape[1], before.shape[2]), before], 1))
         return MemoryLayerState(MemoryState.fresh(w0, self.chunk_size), conv)
 
+    def norm(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(ln_weight, ln_bias) in the state's precision, or None for the plain memory."""
+        if self.ln_weight is None:
+            return None
+        return self.ln_weight.to(dtype), self.ln_bias.to(dtype)
+
     def read(self, weights: list[torch.Tensor], q: torch.Tensor) -> torch.Tensor:
         """f_W(q) without an update (the retrieval M*(q) of Eq. 15), in the state's precision."""
-        return mlp_read(weights, q.to(weights[0].dtype))
+        return mlp_read(weights, q.to(weights[0].dtype), self.norm(weights[0].dtype))
 
     def output(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """W_O(norm(y) * sigmoid(x W_G)); y: [B, H, L, d] retrieved, x: [B, L, D] gate input."""
@@ -138,8 +148,9 @@ class NeuralMemory(nn.Module):
         (q, k, v), conv = self.project(x, state.conv)
         theta, eta, alpha = self.gate_values(x)
         scan = self.scan_fn or memory_scan
+        norm = {} if self.ln_weight is None else {"ln_weight": self.ln_weight, "ln_bias": self.ln_bias}
         y, mem = scan(q, k, v, theta, eta, alpha, state.memory, self.chunk_size, impl=self.impl,
-                      recompute_group=self.recompute_group)
+                      recompute_group=self.recompute_group, **norm)
         return y, MemoryLayerState(mem, conv)
 
     def forward(self, x: torch.Tensor, state: MemoryLayerState | None = None):

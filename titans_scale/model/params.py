@@ -8,9 +8,10 @@ import torch
 
 def no_weight_decay(name: str, param: torch.Tensor) -> bool:
     """Decay 2-D+ projection weights only: not norms, biases, gates' biases, embeddings (a
-    pipeline's tied head copy included), persistent tokens or W^0 (the memory's initial
-    weights are a state, not a projection)."""
+    pipeline's tied head copy included), persistent tokens, W^0 (the memory's initial
+    weights are a state, not a projection) or the normalised memory's per-head LN affine."""
     return (param.dim() < 2 or "init_weights" in name or name.endswith("embed.weight")
+            or name.endswith(("ln_weight", "ln_bias"))
             or "persistent" in name or getattr(param, "shared_embedding", False))
 
 

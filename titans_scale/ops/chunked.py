@@ -60,20 +60,21 @@ def decay_coefficients(theta, eta, alpha):
     return c_s, c_w, P, A, Q
 
 
-def chunk_step(w_c, w_0, s_0, q, k, v, coefficients):
+def chunk_step(w_c, w_0, s_0, q, k, v, coefficients, norm=None):
     """One piece of a chunk (up to the chunk end): retrieval with W_c and the state update.
 
     w_c: chunk-start weights (retrieval and gradients); w_0, s_0: running weights and momentum
-    before the piece; coefficients: decay_coefficients of the piece's gates.
+    before the piece; coefficients: decay_coefficients of the piece's gates; norm: the
+    normalised memory's (ln_weight, ln_bias) or None.
     Returns y [B, H, n, d_out], w_end, s_end.
     """
     n = q.shape[2]
-    if len(w_c) == 1:                           # linear memory: retrieval and error share a matmul
+    if len(w_c) == 1 and norm is None:          # linear memory: retrieval and error share a matmul
         both = torch.cat([q, k], dim=2) @ w_c[0]
         y, factors = both[:, :, :n], [(k, both[:, :, n:] - v)]
     else:
-        y = mlp_forward(w_c, q)
-        factors = mlp_grad_factors(w_c, k, v)
+        y = mlp_forward(w_c, q, norm)
+        factors = mlp_grad_factors(w_c, k, v, norm)
     c_s, c_w, P, A, Q = coefficients
     c_s, c_w = c_s.unsqueeze(-1), c_w.unsqueeze(-1)
     P, A, Q = P[..., None, None], A[..., None, None], Q[..., None, None]
@@ -116,7 +117,7 @@ def piece_coefficients(theta, eta, alpha, spans, chunk_size):
     return coefs
 
 
-def _scan_span(q, k, v, theta, eta, alpha, w_c, w, s, pos: int, C: int):
+def _scan_span(q, k, v, theta, eta, alpha, w_c, w, s, pos: int, C: int, norm=None):
     """The chunk steps of one span of tokens that starts `pos` tokens into a chunk."""
     spans = pieces(pos, C, q.shape[2])
     # split (not slice): backward gathers the pieces' gradients with one cat, where a slice
@@ -124,7 +125,7 @@ def _scan_span(q, k, v, theta, eta, alpha, w_c, w, s, pos: int, C: int):
     qs, ks, vs = (x.split([n for _, n in spans], dim=2) for x in (q, k, v))
     ys = []
     for i, coef in enumerate(piece_coefficients(theta, eta, alpha, spans, C)):
-        y, w, s = chunk_step(w_c, w, s, qs[i], ks[i], vs[i], coef)
+        y, w, s = chunk_step(w_c, w, s, qs[i], ks[i], vs[i], coef, norm)
         ys.append(y)
         n = spans[i][1]
         pos = (pos + n) % C
@@ -134,7 +135,8 @@ def _scan_span(q, k, v, theta, eta, alpha, w_c, w, s, pos: int, C: int):
     return y, w_c, w, s
 
 
-def chunked_scan(q, k, v, theta, eta, alpha, state: MemoryState, recompute_group: int | None = None):
+def chunked_scan(q, k, v, theta, eta, alpha, state: MemoryState, recompute_group: int | None = None,
+                 norm=None):
     """recompute_group=g > 0: backward keeps one state per g chunk pieces and recomputes the
     rest (ops/recompute.py), with the same gradients."""
     C, L, pos = state.chunk_size, q.shape[2], state.position
@@ -142,12 +144,12 @@ def chunked_scan(q, k, v, theta, eta, alpha, state: MemoryState, recompute_group
     carry = (list(state.chunk_start), list(state.weights), list(state.momentum))
     groups = recompute_groups(pieces(pos, C, L), recompute_group, [*inputs, *state.tensors()])
     if groups is None:
-        y, *carry = _scan_span(*inputs, *carry, pos, C)
+        y, *carry = _scan_span(*inputs, *carry, pos, C, norm)
     else:
         ys = []
         parts = [x.split([b - a for a, b in groups], dim=2) for x in inputs]
         for i, (a, _) in enumerate(groups):
-            y, *carry = run_checkpointed(_scan_span, *(p[i] for p in parts), *carry, (pos + a) % C, C)
+            y, *carry = run_checkpointed(_scan_span, *(p[i] for p in parts), *carry, (pos + a) % C, C, norm)
             ys.append(y)
         y = torch.cat(ys, dim=2)
     return y, MemoryState(*carry, (pos + L) % C, C)

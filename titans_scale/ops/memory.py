@@ -1,7 +1,7 @@
 """memory_scan: the public memory op and its dispatcher (naive | chunked | fused | triton).
 
     y, state = memory_scan(q, k, v, theta, eta, alpha, init, chunk_size=64, impl="auto",
-                           recompute_group=None)
+                           recompute_group=None, ln_weight=None, ln_bias=None)
 
 q, k: [B, H, L, d]; v: [B, H, L, d_out]; theta, eta, alpha: [B, H, L];
 init: a list of [B, H, in, out] weights (fresh start, zero momentum) or a MemoryState
@@ -16,6 +16,8 @@ TRITON_INTERPRET=1 was set before triton was imported, and raises MemoryArgument
 where it cannot run (never a silent fallback); "naive" is the float64 test reference.
 recompute_group: g > 0 keeps one state per g chunks for backward and recomputes the rest
 (ops/recompute.py); None or 0 keeps every chunk's state. The naive path ignores it.
+ln_weight, ln_bias: [H, d], both or neither: the normalised residual memory
+f(k) = k + ln_weight * LN(g_W(k)) + ln_bias (docs/design.md section 3; ops/mlp.py).
 """
 
 from __future__ import annotations
@@ -30,28 +32,29 @@ from .fused import fused_scan
 from .fused import unsupported as fused_unsupported
 from .naive import naive_scan
 from .recompute import check_recompute_group
-from .state import MemoryArgumentError, MemoryState, check_scan_args, state_dtype
+from .state import MemoryArgumentError, MemoryState, check_norm_args, check_scan_args, state_dtype
 
 IMPLS = ("auto", "naive", "chunked", "fused", "triton")
 
 
 @dataclass(frozen=True)
 class _Impl:
-    fn: Callable                       # fn(q, k, v, theta, eta, alpha, state, recompute_group=None)
+    fn: Callable                       # fn(q, k, v, theta, eta, alpha, state, recompute_group=None[, norm=])
     native_dtype: bool = False         # gets q..alpha in the caller's dtype and casts inside
     unsupported: Callable | None = None  # (q, state) -> None, or why it cannot run these inputs
+    norm: bool = False                 # takes norm=(ln_weight, ln_bias), the normalised memory
 
 
 _REGISTRY: dict[str, _Impl] = {
-    "naive": _Impl(lambda *args, recompute_group=None: naive_scan(*args)),
-    "chunked": _Impl(chunked_scan),
+    "naive": _Impl(lambda *args, recompute_group=None, norm=None: naive_scan(*args, norm=norm), norm=True),
+    "chunked": _Impl(chunked_scan, norm=True),
     "fused": _Impl(fused_scan, unsupported=fused_unsupported),
 }
 
 
-def register_impl(name: str, fn, *, native_dtype: bool = False, unsupported=None) -> None:
+def register_impl(name: str, fn, *, native_dtype: bool = False, unsupported=None, norm: bool = False) -> None:
     """Kernels register their scan here (kept out of this file so it imports anywhere)."""
-    _REGISTRY[name] = _Impl(fn, native_dtype, unsupported)
+    _REGISTRY[name] = _Impl(fn, native_dtype, unsupported, norm)
 
 
 def _load_triton() -> str | None:
@@ -66,20 +69,23 @@ def _load_triton() -> str | None:
     return None
 
 
-def _why_not(name: str, q: torch.Tensor, state: MemoryState) -> str | None:
+def _why_not(name: str, q: torch.Tensor, state: MemoryState, norm) -> str | None:
     impl = _REGISTRY[name]
+    if norm is not None and not impl.norm:
+        return (f"impl={name!r} does not support the normalised memory (ln_weight/ln_bias) yet; "
+                "use impl='chunked' or 'auto'")
     return impl.unsupported(q, state) if impl.unsupported is not None else None
 
 
-def _resolve(impl: str, q: torch.Tensor, state: MemoryState) -> str:
+def _resolve(impl: str, q: torch.Tensor, state: MemoryState, norm) -> str:
     if impl not in IMPLS:
         raise MemoryArgumentError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        if q.is_cuda and _load_triton() is None and _why_not("triton", q, state) is None:
+        if q.is_cuda and _load_triton() is None and _why_not("triton", q, state, norm) is None:
             return "triton"
-        return "fused" if _why_not("fused", q, state) is None else "chunked"
+        return "fused" if _why_not("fused", q, state, norm) is None else "chunked"
     reason = _load_triton() if impl == "triton" else None
-    reason = reason or _why_not(impl, q, state)
+    reason = reason or _why_not(impl, q, state, norm)
     if reason is not None:
         raise MemoryArgumentError(reason)
     return impl
@@ -92,15 +98,20 @@ def _as_state_dtype(state: MemoryState, dt: torch.dtype) -> MemoryState:
 
 
 def memory_scan(q, k, v, theta, eta, alpha, init, chunk_size: int = 64, impl: str = "auto",
-                recompute_group: int | None = None):
+                recompute_group: int | None = None, ln_weight=None, ln_bias=None):
     state = check_scan_args(q, k, v, theta, eta, alpha, init, chunk_size)
+    norm = check_norm_args(q, v, ln_weight, ln_bias)
     check_recompute_group(recompute_group)
-    name = _resolve(impl, q, state)
+    name = _resolve(impl, q, state, norm)
     dt = state_dtype(q)
     out_dtype = q.dtype
     entry = _REGISTRY[name]
-    args = [q, k, v, theta, eta, alpha] if entry.native_dtype else [t.to(dt) for t in (q, k, v, theta, eta, alpha)]
-    y, new_state = entry.fn(*args, _as_state_dtype(state, dt), recompute_group=recompute_group)
+    inputs = (q, k, v, theta, eta, alpha)
+    args = list(inputs) if entry.native_dtype else [t.to(dt) for t in inputs]
+    extra = {}
+    if norm is not None:
+        extra["norm"] = norm if entry.native_dtype else tuple(p.to(dt) for p in norm)
+    y, new_state = entry.fn(*args, _as_state_dtype(state, dt), recompute_group=recompute_group, **extra)
     return y.to(out_dtype), new_state
 
 

@@ -2,6 +2,9 @@
 
 docs/design.md section 3: depth 1 is f(k) = k @ W; depth >= 2 is
 f(k) = k + gelu(...gelu(k @ W1) @ W2 ...) @ WL with exact (erf) GELU.
+The normalised residual memory (norm = (ln_weight, ln_bias), each [H, d]) is
+f(k) = k + ln_weight * LN(g(k)) + ln_bias, g the linear map or the MLP without its skip,
+LN without affine (eps 1e-5, biased variance over d).
 Weights are lists of [B, H, in, out] tensors; activations are [B, H, n, d].
 """
 
@@ -14,6 +17,27 @@ import torch.nn.functional as F
 
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT2PI = 1.0 / math.sqrt(2.0 * math.pi)
+LN_EPS = 1e-5
+
+# (ln_weight, ln_bias), each [H, d]: the outer parameters of the normalised residual memory
+MemoryNorm = tuple[torch.Tensor, torch.Tensor]
+
+
+def _per_head(p: torch.Tensor) -> torch.Tensor:
+    """[H, d] -> [H, 1, d], broadcasting against [B, H, n, d] activations."""
+    return p.unsqueeze(-2)
+
+
+def layer_norm_parts(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """LN(g) over the last dim without affine, and 1/sqrt(var + eps) (kept for its backward)."""
+    centred = g - g.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + LN_EPS)
+    return centred * rstd, rstd
+
+
+def layer_norm_backward(grad: torch.Tensor, normed: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    """d/dg of <grad, LN(g)>: rstd (grad - mean(grad) - LN(g) mean(grad LN(g)))."""
+    return rstd * (grad - grad.mean(-1, keepdim=True) - normed * (grad * normed).mean(-1, keepdim=True))
 
 
 def gelu_grad(h: torch.Tensor) -> torch.Tensor:
@@ -23,14 +47,15 @@ def gelu_grad(h: torch.Tensor) -> torch.Tensor:
     return cdf + h * pdf
 
 
-def mlp_forward(weights: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+def mlp_forward(weights: list[torch.Tensor], x: torch.Tensor, norm: MemoryNorm | None = None) -> torch.Tensor:
     """f_W(x) for every token of x: [B, H, n, in] -> [B, H, n, out]."""
-    if len(weights) == 1:
-        return x @ weights[0]
     z = x
     for w in weights[:-1]:
         z = F.gelu(z @ w)
-    return x + z @ weights[-1]
+    g = z @ weights[-1]
+    if norm is not None:
+        return x + _per_head(norm[0]) * layer_norm_parts(g)[0] + _per_head(norm[1])
+    return g if len(weights) == 1 else x + g
 
 
 class _Read2(torch.autograd.Function):
@@ -55,16 +80,18 @@ class _Read2(torch.autograd.Function):
         return dx, dw1, dw2
 
 
-def mlp_read(weights: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+def mlp_read(weights: list[torch.Tensor], x: torch.Tensor, norm: MemoryNorm | None = None) -> torch.Tensor:
     """mlp_forward for reads (no update): equal values and gradients, and a depth-2 memory
     keeps one [.., n, hidden] activation for backward instead of two."""
+    if norm is not None:
+        return mlp_forward(weights, x, norm)
     if len(weights) == 2 and x.shape[:-2] == weights[0].shape[:-2] == weights[1].shape[:-2]:
         return _Read2.apply(x, *weights)
     return mlp_forward(weights, x)
 
 
 def mlp_grad_factors(
-    weights: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor
+    weights: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, norm: MemoryNorm | None = None
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per-token gradients of l_t = 1/2 ||f_W(k_t) - v_t||^2, as rank-1 factors.
 
@@ -73,8 +100,6 @@ def mlp_grad_factors(
     Returns [(left_1, right_1), ..., (left_L, right_L)]; no autograd is used here, the
     formulas are the hand-written backward of the MLP (differentiable for the outer loss).
     """
-    if len(weights) == 1:
-        return [(k, k @ weights[0] - v)]
     inputs, pre = [k], []
     z = k
     for w in weights[:-1]:
@@ -82,7 +107,13 @@ def mlp_grad_factors(
         pre.append(h)
         z = F.gelu(h)
         inputs.append(z)
-    err = k + z @ weights[-1] - v                     # d l / d f  (the skip adds k)
+    g = z @ weights[-1]
+    if norm is None:                                  # d l / d g = d l / d f  (a skip adds k)
+        err = (g if len(weights) == 1 else k + g) - v
+    else:                                             # through f = k + w LN(g) + b
+        normed, rstd = layer_norm_parts(g)
+        w_ln = _per_head(norm[0])
+        err = layer_norm_backward(w_ln * (k + w_ln * normed + _per_head(norm[1]) - v), normed, rstd)
     factors = [(inputs[-1], err)]
     grad_z = err
     for i in range(len(weights) - 2, -1, -1):

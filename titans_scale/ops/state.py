@@ -106,3 +106,22 @@ def check_scan_args(q, k, v, theta, eta, alpha, init, chunk_size) -> MemoryState
     if state is None:
         state = MemoryState.fresh(weights, chunk_size)
     return state
+
+
+def check_norm_args(q, v, ln_weight, ln_bias) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The normalised memory's (ln_weight, ln_bias), both [H, d], or None when both are absent."""
+    if ln_weight is None and ln_bias is None:
+        return None
+    if ln_weight is None or ln_bias is None:
+        raise MemoryArgumentError("pass ln_weight and ln_bias together (the normalised memory), or neither")
+    H, d = q.shape[1], q.shape[-1]
+    for name, p in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
+        if not torch.is_tensor(p) or tuple(p.shape) != (H, d):
+            raise MemoryArgumentError(
+                f"{name} must have shape [H, d] = {(H, d)}, got "
+                f"{tuple(p.shape) if torch.is_tensor(p) else type(p).__name__}")
+    if v.shape[-1] != d:
+        raise MemoryArgumentError(
+            f"the normalised memory adds its key to the output, so v's width ({v.shape[-1]}) must equal "
+            f"the key width ({d})")
+    return ln_weight, ln_bias
