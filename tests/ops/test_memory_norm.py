@@ -11,7 +11,8 @@ from titans_scale.ops.memory import MemoryArgumentError, memory_scan
 from titans_scale.ops.mlp import mlp_forward
 from tests.helpers import make_inputs, rel_err
 
-IMPLS = ["chunked"]            # implementations with the normalised memory, against impl="naive"
+IMPLS = ["chunked", "fused"]  # implementations with the normalised memory, against impl="naive"
+MAX_DEPTH = {"fused": 2}      # impls with kernels for shallow memories only
 STATE = ("chunk_start", "weights", "momentum")
 
 
@@ -21,6 +22,11 @@ def make_norm_inputs(**kw):
     measured over 60 seeds), ~1e-9 at 0.15, so 1e-8 tests the implementation, not rounding."""
     q, k, v, theta, eta, alpha, init = make_inputs(**kw)
     return q, k, v, (theta * 0.25).detach().requires_grad_(theta.requires_grad), eta, alpha, init
+
+
+def impl_depths(depths):
+    """(impl, depth) pairs of IMPLS x depths that the impl covers."""
+    return [(impl, d) for impl in IMPLS for d in depths if d <= MAX_DEPTH.get(impl, d)]
 
 
 def norm_params(H=2, d=8, seed=0, requires_grad=False):
@@ -43,8 +49,7 @@ def test_normalised_memory_function_is_the_design_formula(depth):
     assert rel_err(mlp_forward(init, k, (w, b)), want) < 1e-12
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("depth", [1, 2, 3])
+@pytest.mark.parametrize("impl,depth", impl_depths([1, 2, 3]))
 @pytest.mark.parametrize("C", [1, 3, 16])
 def test_values_and_state_equal_naive(impl, depth, C):
     args = make_norm_inputs(L=37, depth=depth)
@@ -59,8 +64,7 @@ def test_values_and_state_equal_naive(impl, depth, C):
     assert rel_err(plain, y) > 1e-3                     # the norm changes the function
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("impl,depth", impl_depths([1, 2]))
 def test_streamed_in_pieces_cut_mid_chunk_equals_one_call(impl, depth):
     C = 8
     q, k, v, th, et, al, init = make_norm_inputs(L=45, depth=depth)
@@ -77,8 +81,7 @@ def test_streamed_in_pieces_cut_mid_chunk_equals_one_call(impl, depth):
             assert rel_err(a, b) < 1e-8, name
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("depth", [1, 2, 3])
+@pytest.mark.parametrize("impl,depth", impl_depths([1, 2, 3]))
 @pytest.mark.parametrize("C", [1, 4, 16])
 def test_gradients_equal_naive(impl, depth, C):
     args = make_norm_inputs(L=20, depth=depth, requires_grad=True)
@@ -95,13 +98,14 @@ def test_gradients_equal_naive(impl, depth, C):
         assert rel_err(a, b_) < 1e-8, name
 
 
-def test_recompute_groups_keep_the_gradients():
-    args = make_norm_inputs(L=40, depth=2, requires_grad=True)
+@pytest.mark.parametrize("impl,depth", impl_depths([1, 2]))
+def test_recompute_groups_keep_the_gradients(impl, depth):
+    args = make_norm_inputs(L=40, depth=depth, requires_grad=True)
     w, b = norm_params(requires_grad=True)
     flat = [*args[:6], *args[6], w, b]
     grads = []
     for group in (None, 2):
-        y, _ = memory_scan(*args, chunk_size=4, impl="chunked", recompute_group=group, ln_weight=w, ln_bias=b)
+        y, _ = memory_scan(*args, chunk_size=4, impl=impl, recompute_group=group, ln_weight=w, ln_bias=b)
         grads.append(torch.autograd.grad(y.pow(2).sum(), flat))
     for a, b_ in zip(*grads):
         assert torch.equal(a, b_)
@@ -156,3 +160,25 @@ def test_model_with_mem_norm_trains_ln_params_and_matches_naive():
             if n in names:
                 assert p.grad is not None and p.grad.abs().sum() > 0, n
                 assert no_weight_decay(n, p), n
+
+
+@pytest.mark.parametrize("impl,depth", impl_depths([1, 2]))
+def test_gradients_through_state_streamed_mid_chunk_equal_naive(impl, depth):
+    """Pieces cut mid-chunk with the state passed on: backward flows through the carried (W_c, W, S)
+    and the partial chunks at either end of each piece, into ln_weight and ln_bias too."""
+    args = make_norm_inputs(L=45, depth=depth, requires_grad=True, seed=4)
+    w, b = norm_params(requires_grad=True, seed=5)
+    flat = [*args[:6], *args[6], w, b]
+    probe = torch.randn(args[0].shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    grads = {}
+    for name in ("naive", impl):
+        ys, state = [], args[6]
+        for a, b_ in [(0, 5), (5, 19), (19, 40), (40, 45)]:
+            y, state = memory_scan(*(x[:, :, a:b_] for x in args[:6]), state, chunk_size=8, impl=name,
+                                   ln_weight=w, ln_bias=b)
+            ys.append(y)
+        loss = (torch.cat(ys, 2) * probe).sum() + sum((x ** 2).sum() for x in state.weights)
+        grads[name] = torch.autograd.grad(loss + sum(m.sum() for m in state.momentum), flat)
+    names = ["q", "k", "v", "theta", "eta", "alpha"] + [f"W{i}" for i in range(depth)] + ["ln_weight", "ln_bias"]
+    for name, a, b_ in zip(names, grads[impl], grads["naive"]):
+        assert rel_err(a, b_) < 1e-8, name

@@ -8,7 +8,9 @@ kernels/memory_fwd.py and kernels/memory_bwd.py with whole tiles (no blocking); 
 checked against the float64 per-token reference (tests/ops/test_fused_scan.py).
 
 Per chunk, q and k share one matmul with W1 (stacked as [q; k], built once per call).
-Depth 1 and 2; deeper memories use impl="chunked".
+Depth 1 and 2; deeper memories use impl="chunked". The normalised residual memory
+(norm = (ln_weight, ln_bias)) changes only the head of f, f = x + w LN(g) + b on top of
+g = g_W(x): _head and _head_backward below, whose formulas are derived there.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .mlp import _INV_SQRT2PI
+from .mlp import _INV_SQRT2PI, layer_norm_backward, layer_norm_parts
 from .scan_function import ScanConfig, scan_with_backend
 from .state import MemoryState
 
@@ -52,10 +54,11 @@ class TorchBackend:
         return torch.empty(shape, device=device, dtype=dtype)
 
     @staticmethod
-    def forward(cfg, q, k, v, coefs, ws, ss, saved_w, saved_s, y=None, tok_chunk0=0):
+    def forward(cfg, q, k, v, coefs, ws, ss, saved_w, saved_s, y=None, tok_chunk0=0, norm=None):
         cs, cw, P, A, Q = coefs
         n, C = P.shape[1], cfg.chunk_size
         qk = _stacked(q, k, tok_chunk0, n, C)
+        norm = _per_row(norm)
         for c in range(n):
             if c % cfg.save_stride == 0:
                 for dst, src in zip(saved_w + saved_s, ws + ss):
@@ -63,18 +66,16 @@ class TorchBackend:
             rows = slice((tok_chunk0 + c) * C, (tok_chunk0 + c + 1) * C)
             qkc, kc, vc = qk[:, c], k[:, rows], v[:, rows]
             if cfg.depth == 1:
-                out = qkc @ ws[0]
-                factors = [(kc, out[:, C:] - vc)]
+                out, err, _ = _head(qkc @ ws[0], qkc, vc, False, norm)
+                factors = [(kc, err)]
             else:
                 h = qkc @ ws[0]
                 z = F.gelu(h)
-                out = z @ ws[1]
-                err = out[:, C:] + kc - vc                                  # d l / d f
+                out, err, _ = _head(z @ ws[1], qkc, vc, True, norm)
                 gh = _times_gelu_grad(err @ ws[1].transpose(1, 2), h[:, C:])   # right_1
                 factors = [(kc, gh), (z[:, C:], err)]
-                out[:, :C] += qkc[:, :C]                                   # the skip of f(q)
             if y is not None:
-                y[:, rows] = out[:, :C]
+                y[:, rows] = out
             csc, cwc = cs[:, c * C:(c + 1) * C, None], cw[:, c * C:(c + 1) * C, None]
             p, a, qq = P[:, c, None, None], A[:, c, None, None], Q[:, c, None, None]
             for (left, right), w, s in zip(factors, ws, ss):
@@ -83,9 +84,11 @@ class TorchBackend:
                 s.mul_(p).baddbmm_(lt, csc * right)                        # S' = P S + G_s
 
     @staticmethod
-    def backward(cfg, q, k, v, dy, coefs, states_w, states_s, slot0, dws, dss, dq, dk, dv, tok_chunk0):
+    def backward(cfg, q, k, v, dy, coefs, states_w, states_s, slot0, dws, dss, dq, dk, dv, tok_chunk0,
+                 norm=None, dnorm=None):
         cs, cw, P, A, Q = coefs
         n, C = P.shape[1], cfg.chunk_size
+        norm = _per_row(norm)
         dcoefs = [torch.empty_like(t) for t in coefs]
         qk = _stacked(q, k, tok_chunk0, n, C)
         step = _bwd_linear if cfg.depth == 1 else _bwd_mlp2
@@ -95,7 +98,8 @@ class TorchBackend:
             W = [w[:, slot0 + c] for w in states_w]
             S = [s[:, slot0 + c] for s in states_s]
             csc, cwc = cs[:, tok, None], cw[:, tok, None]
-            dqc, dkc, dvc, dcs, dcw, dWc = step(qk[:, c], k[:, rows], v[:, rows], dy[:, rows], csc, cwc, W, dws, dss)
+            dqc, dkc, dvc, dcs, dcw, dWc = step(qk[:, c], k[:, rows], v[:, rows], dy[:, rows], csc, cwc, W, dws, dss,
+                                                norm, dnorm)
             dq[:, rows], dk[:, rows], dv[:, rows] = dqc, dkc, dvc
             dcoefs[0][:, tok], dcoefs[1][:, tok] = dcs, dcw
             dcoefs[2][:, c] = sum(_dot(ds, s) for ds, s in zip(dss, S))
@@ -110,29 +114,99 @@ class TorchBackend:
         return dcoefs
 
 
-def _bwd_linear(qkc, k, v, dy, cs, cw, W, dws, dss):
-    """Chunk VJP, f(x) = x W: returns dq, dk, dv, dc_s, dc_w and [dW_c] (the terms at W_c)."""
+def _per_row(norm):
+    """(ln_weight, ln_bias) [BH, d] -> [BH, 1, d], broadcasting over a chunk's rows."""
+    return None if norm is None else tuple(p.unsqueeze(1) for p in norm)
+
+
+# The head of f on one chunk's stacked rows x = [q; k] [BH, 2C, d], from g = g_W(x):
+#   plain:       f = g (depth 1) or x + g (depth 2, `skip`)
+#   normalised:  f = x + w n + b,   n = LN(g) = (g - mean g) rstd,  rstd = (var g + eps)^-1/2
+# and the inner loss's gradient at the keys, the right factor of the last layer:
+#   err = d l / d g = J (w e),   e = f(k) - v,   J = d n / d g = rstd (I - 11^T/d - n n^T/d)
+# (J is symmetric, so J^T x = J x = layer_norm_backward(x, n, rstd)).
+#
+# Backward (_head_backward). Given dy (gradient of the reads f(q)) and a = dL/d err (what the
+# update sends back to the right factor: the memory's state gradients times c_s, c_w, plus
+# the second layer's path), with r = w e:
+#   a_r  = J a                                       dL/dr
+#   de   = w a_r                                     dL/de: e = k + w n + b - v, so
+#   dk  += de,  dv = -de,  db += de,  dw += a_r e + de n
+#   dg_k = J (w de)                                  through n inside e
+#        + d/dg <a, J(g) r> at fixed r               the second-order term, J depends on g:
+#        = -(rstd/d) (<a, err> n + <r, n> a_r + <a, n> err)
+#   (d rstd/dg = -rstd^2 n / d and d n/dg = J give it; it is symmetric in a and r.)
+# Reads y = q + w n_q + b: dg_q = J_q (w dy), dq += dy, dw += dy n_q, db += dy.
+# Plain heads: dg = [dy; a], dv = -a, and with the skip dq += dy, dk += a.
+# dg then flows into g_W as in the plain memory (g = x W, or g = gelu(x W1) W2).
+
+
+def _head(g, x, v, skip, norm):
+    """f(q) for the reads and err = d l / d g at the keys, from g = g_W([q; k]) (may be changed
+    in place); the third value is what _head_backward needs (None for a plain head)."""
+    C = v.shape[1]
+    if norm is None:
+        f = g.add_(x) if skip else g
+        return f[:, :C], f[:, C:] - v, None
+    normed, rstd = layer_norm_parts(g)
+    f = torch.addcmul(norm[1], norm[0], normed).add_(x)
+    e = f[:, C:] - v
+    return f[:, :C], layer_norm_backward(norm[0] * e, normed[:, C:], rstd[:, C:]), (normed, rstd, e)
+
+
+def _head_backward(dy, derr, err, saved, skip, norm, dnorm):
+    """The head's VJP (derivation above): dg [BH, 2C, d] = [dg_q; dg_k], the direct terms of dq
+    and dk (None where there are none) and dv; adds the norm's gradients into dnorm [BH, d]."""
+    if norm is None:
+        return torch.cat([dy, derr], dim=1), (dy if skip else None), (derr if skip else None), -derr
+    w = norm[0]
+    normed, rstd, e = saved
+    C, d = dy.shape[1], dy.shape[-1]
+    nq, nk, rq, rk = normed[:, :C], normed[:, C:], rstd[:, :C], rstd[:, C:]
+    a_r = layer_norm_backward(derr, nk, rk)
+    de = w * a_r
+    dot = lambda x, y: (x * y).sum(-1, keepdim=True)  # noqa: E731
+    second = dot(derr, err) * nk + dot(w * e, nk) * a_r + dot(derr, nk) * err
+    dgk = layer_norm_backward(w * de, nk, rk).sub_(second.mul_(rk / d))
+    dgq = layer_norm_backward(w * dy, nq, rq)
+    dnorm[0].add_((a_r * e + de * nk).sum(1) + (dy * nq).sum(1))
+    dnorm[1].add_(de.sum(1) + dy.sum(1))
+    return torch.cat([dgq, dgk], dim=1), dy, de, -de
+
+
+def _bwd_linear(qkc, k, v, dy, cs, cw, W, dws, dss, norm, dnorm):
+    """Chunk VJP, g(x) = x W: returns dq, dk, dv, dc_s, dc_w and [dW_c] (the terms at W_c)."""
     (Wc,), (dW,), (dS,) = W, dws, dss
     C = k.shape[1]
-    err = qkc[:, C:] @ Wc - v
+    if norm is None:                        # only the keys' rows: the reads need no g
+        err, saved = qkc[:, C:] @ Wc - v, None
+    else:
+        _, err, saved = _head(qkc @ Wc, qkc, v, False, norm)
     m_s, m_w = k @ dS, k @ dW
     derr = cs * m_s + cw * m_w
     dcs, dcw = (m_s * err).sum(-1), (m_w * err).sum(-1)
-    dk = (cs * err) @ dS.transpose(1, 2) + (cw * err) @ dW.transpose(1, 2) + derr @ Wc.transpose(1, 2)
-    dq = dy @ Wc.transpose(1, 2)
-    dWc = qkc.transpose(1, 2) @ torch.cat([dy, derr], dim=1)               # q^T dy + k^T derr
-    return dq, dk, -derr, dcs, dcw, [dWc]
+    dg, dq_direct, dk_direct, dv = _head_backward(dy, derr, err, saved, False, norm, dnorm)
+    dx = dg @ Wc.transpose(1, 2)                                            # [d q; d k] through g = x W
+    dk = (cs * err) @ dS.transpose(1, 2) + (cw * err) @ dW.transpose(1, 2) + dx[:, C:]
+    dq = dx[:, :C]
+    if dk_direct is not None:
+        dk, dq = dk + dk_direct, dq + dq_direct
+    dWc = qkc.transpose(1, 2) @ dg                                          # q^T dg_q + k^T dg_k
+    return dq, dk, dv, dcs, dcw, [dWc]
 
 
-def _bwd_mlp2(qkc, k, v, dy, cs, cw, W, dws, dss):
-    """Chunk VJP, f(x) = x + gelu(x W1) W2 (names as kernels/memory_bwd.py)."""
+def _bwd_mlp2(qkc, k, v, dy, cs, cw, W, dws, dss, norm, dnorm):
+    """Chunk VJP, g(x) = gelu(x W1) W2 (names as kernels/memory_bwd.py)."""
     (W1, W2), (dW1, dW2), (dS1, dS2) = W, dws, dss
     C = k.shape[1]
     h = qkc @ W1
     hk = h[:, C:]
     z = F.gelu(h)
     zk = z[:, C:]
-    err = zk @ W2 + k - v
+    if norm is None:
+        err, saved = zk @ W2 + k - v, None
+    else:
+        _, err, saved = _head(z @ W2, qkc, v, True, norm)
     W2t = W2.transpose(1, 2)
     e2 = err @ W2t
     gh = _times_gelu_grad(e2, hk)                                           # right_1
@@ -143,17 +217,19 @@ def _bwd_mlp2(qkc, k, v, dy, cs, cw, W, dws, dss):
     dgh = cs * m1s + cw * m1w
     de2 = _times_gelu_grad(dgh, hk)
     derr = de2 @ W2 + cs * m2s + cw * m2w
-    # d z_k: from the layer-2 factor (left = z) and from err = k + z W2 - v
-    dz = (cs * err) @ dS2.transpose(1, 2) + (cw * err) @ dW2.transpose(1, 2) + derr @ W2t
+    dg, dq_direct, dk_direct, dv = _head_backward(dy, derr, err, saved, True, norm, dnorm)
+    dzg = dg @ W2t                                                          # through g = z W2
+    # d z_k: from the layer-2 factor (left = z) and from g
+    dz = (cs * err) @ dS2.transpose(1, 2) + (cw * err) @ dW2.transpose(1, 2) + dzg[:, C:]
     dhk = _times_gelu_grad(dz, hk).add_(dgh.mul_(e2).mul_(_gelu_grad2(hk)))
-    dhq = _times_gelu_grad(dy @ W2t, h[:, :C])                              # retrieval y = q + gelu(q W1) W2
+    dhq = _times_gelu_grad(dzg[:, :C], h[:, :C])                            # the reads' g
     dh = torch.cat([dhq, dhk], dim=1)
     dx = dh @ W1.transpose(1, 2)                                            # [d q; d k] through h = x W1
-    dk = dx[:, C:] + derr + (cs * gh) @ dS1.transpose(1, 2) + (cw * gh) @ dW1.transpose(1, 2)
-    dq = dx[:, :C] + dy
+    dk = dx[:, C:] + dk_direct + (cs * gh) @ dS1.transpose(1, 2) + (cw * gh) @ dW1.transpose(1, 2)
+    dq = dx[:, :C] + dq_direct
     dW1c = qkc.transpose(1, 2) @ dh
-    dW2c = torch.baddbmm(de2.transpose(1, 2) @ err, z.transpose(1, 2), torch.cat([dy, derr], dim=1))
-    return dq, dk, -derr, dcs, dcw, [dW1c, dW2c]
+    dW2c = torch.baddbmm(de2.transpose(1, 2) @ err, z.transpose(1, 2), dg)
+    return dq, dk, dv, dcs, dcw, [dW1c, dW2c]
 
 
 def unsupported(q: torch.Tensor, state: MemoryState) -> str | None:
@@ -162,7 +238,7 @@ def unsupported(q: torch.Tensor, state: MemoryState) -> str | None:
     return None
 
 
-def fused_scan(q, k, v, theta, eta, alpha, state: MemoryState, recompute_group: int | None = None):
+def fused_scan(q, k, v, theta, eta, alpha, state: MemoryState, recompute_group: int | None = None, norm=None):
     cfg = ScanConfig.of(q, v, state, recompute_group)
-    return scan_with_backend(TorchBackend, cfg, q, k, v, theta, eta, alpha, state)
+    return scan_with_backend(TorchBackend, cfg, q, k, v, theta, eta, alpha, state, norm)
 

@@ -48,7 +48,7 @@ class _Impl:
 _REGISTRY: dict[str, _Impl] = {
     "naive": _Impl(lambda *args, recompute_group=None, norm=None: naive_scan(*args, norm=norm), norm=True),
     "chunked": _Impl(chunked_scan, norm=True),
-    "fused": _Impl(fused_scan, unsupported=fused_unsupported),
+    "fused": _Impl(fused_scan, unsupported=fused_unsupported, norm=True),
 }
 
 
