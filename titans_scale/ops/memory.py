@@ -77,7 +77,7 @@ def _why_not(name: str, q: torch.Tensor, state: MemoryState, norm) -> str | None
     return impl.unsupported(q, state) if impl.unsupported is not None else None
 
 
-def _resolve(impl: str, q: torch.Tensor, state: MemoryState, norm) -> str:
+def _resolve(impl: str, q: torch.Tensor, state: MemoryState, norm=None) -> str:
     if impl not in IMPLS:
         raise MemoryArgumentError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":

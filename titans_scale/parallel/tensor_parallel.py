@@ -9,7 +9,8 @@ the same weights (torchtitan's parallelize pattern; the model's maths is untouch
   reach the heads only through ``qkv``, whose backward sums their gradient over TP.
 * neural memory: ``qkv`` ([H, 3, d] rows), ``gates`` ([H, 3] rows, with bias) and
   ``out_gate`` column-parallel, ``out`` row-parallel; the depthwise ``conv`` (one channel
-  per projection row) and ``init_weights`` W^0 ([H, in, out]) keep the rank's heads; the
+  per projection row), ``init_weights`` W^0 ([H, in, out]) and the normalised memory's
+  ``ln_weight`` / ``ln_bias`` ([H, d]) keep the rank's heads; the
   per-head ``out_norm`` weight is shared by all heads, so it stays whole and its gradient is
   summed over TP (``TPSummedRMSNorm``). Each rank therefore runs ``memory_scan`` on whole
   heads of its own: the memory update needs no communication (tests count it).
@@ -161,6 +162,8 @@ def _parallelize_memory(mem: NeuralMemory, config) -> None:
     mem.conv = conv
     mem.gates = column_from(mem.gates, config)
     mem.init_weights = nn.ParameterList([_head_param(w, 0) for w in mem.init_weights])
+    if mem.ln_weight is not None:                  # the normalised memory's [H, d] per-head affine
+        mem.ln_weight, mem.ln_bias = _head_param(mem.ln_weight, 0), _head_param(mem.ln_bias, 0)
     mem.out_norm = TPSummedRMSNorm.from_norm(mem.out_norm)
     mem.out_gate = column_from(mem.out_gate, config)
     mem.out = row_from(mem.out, config)

@@ -14,7 +14,8 @@ s_x / s_g bytes per q,k,v / gate element, |S| = the state's 3 |W| elements per h
     (P-1)/P * B H L_r (2 d + d_v) s_x  +  (P-1)/P * B H L_r 3 s_g      inputs out
     B (H/P) (L - L_r) d_v s_x                                          y back
     (P-1) B (H/P) |S| s_g                                              final state
-so a2a grows linearly with the sequence length.
+so a2a grows linearly with the sequence length. The normalised memory's ln_weight/ln_bias
+([H, d]) are sliced to the rank's heads like the state; nothing more is sent.
 """
 
 from __future__ import annotations
@@ -63,9 +64,10 @@ def _gather_heads(ts: list[torch.Tensor], comm: CPComm) -> list[torch.Tensor]:
 
 
 def a2a_memory_scan(q, k, v, theta, eta, alpha, state: MemoryState, comm: CPComm, info: ShardInfo,
-                    impl: str = "auto", recompute_group: int | None = None):
+                    impl: str = "auto", recompute_group: int | None = None, norm=None):
     """q, k, v [B, H, L_r, .], gates [B, H, L_r]: this rank's shard; state: the sequence's
-    start state (all heads, same on every rank). Returns (y [B, H, L_r, d_v], final state)."""
+    start state (all heads, same on every rank); norm: (ln_weight, ln_bias) [H, d] or None.
+    Returns (y [B, H, L_r, d_v], final state)."""
     H, P = q.shape[1], comm.size
     gates = torch.stack([theta, eta, alpha], dim=-1)
     qkv = torch.cat([q, k, v], dim=-1)
@@ -77,7 +79,8 @@ def a2a_memory_scan(q, k, v, theta, eta, alpha, state: MemoryState, comm: CPComm
     d = q.shape[-1]
     mine = slice(comm.rank * (H // P), (comm.rank + 1) * (H // P))
     local = pytree.tree_map(lambda w: w[:, mine], state)            # this rank's heads of the state
+    ln = {} if norm is None else {"ln_weight": norm[0][mine], "ln_bias": norm[1][mine]}
     y, end = memory_scan(qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:], *gates.unbind(-1),
-                         local, state.chunk_size, impl, recompute_group=recompute_group)
+                         local, state.chunk_size, impl, recompute_group=recompute_group, **ln)
     y = _heads_to_seq(y, comm, info)
     return y, pytree.tree_unflatten(_gather_heads(end.tensors(), comm), pytree.tree_structure(end))

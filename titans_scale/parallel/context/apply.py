@@ -81,11 +81,12 @@ class CPContext:
     micro_batches: int | None = None
     info: ShardInfo | None = None
 
-    def memory_scan(self, q, k, v, theta, eta, alpha, init, chunk_size, impl="auto", recompute_group=None):
+    def memory_scan(self, q, k, v, theta, eta, alpha, init, chunk_size, impl="auto", recompute_group=None,
+                    ln_weight=None, ln_bias=None):
         """NeuralMemory.scan_fn under CP: the memory op on this rank's shard (init: the
         sequence's start state); returns the state after the whole sequence."""
         return cp_memory_scan(q, k, v, theta, eta, alpha, init, chunk_size, self.comm, self.strategy, impl,
-                              recompute_group, self.micro_batches, self.info)
+                              recompute_group, self.micro_batches, self.info, ln_weight=ln_weight, ln_bias=ln_bias)
 
     def halo(self, x: torch.Tensor, n: int) -> torch.Tensor:
         """The min(n, offset) inputs just before this rank's shard of x."""
@@ -232,9 +233,10 @@ def _cp_class(mixer_cls: type) -> type:
     return type(f"CP{mixer_cls.__name__}", (unit, _SHARD.get(mixer_cls, mixer_cls)), {"_cp_original": mixer_cls})
 
 
-def layer_strategy(kind: str, strategy: str, depth: int, heads: int, cp: int) -> str:
+def layer_strategy(kind: str, strategy: str, depth: int, heads: int, cp: int, norm: bool = False) -> str:
     """The memory strategy a layer of mixer `kind` runs with ("none": attention only), or
-    CPConfigError naming the mixer, the reason and the fix. heads: memory heads per TP rank."""
+    CPConfigError naming the mixer, the reason and the fix. heads: memory heads per TP rank;
+    norm: the normalised memory (model.mem_norm), which state_passing cannot run."""
     if strategy != "auto" and strategy not in STRATEGIES:
         raise CPConfigError(f"context-parallel strategy {strategy!r} is unknown; choose 'auto' or one of {STRATEGIES}")
     if kind not in ("lmm", "mag", "mal", "mac"):
@@ -249,9 +251,9 @@ def layer_strategy(kind: str, strategy: str, depth: int, heads: int, cp: int) ->
                 "use strategy='ring' (or 'auto')")
         return "ring"
     if strategy == "auto":
-        strategy = "a2a" if heads % cp == 0 else "state_passing" if depth == 1 else "ring"
+        strategy = "a2a" if heads % cp == 0 else "state_passing" if depth == 1 and not norm else "ring"
     try:
-        check_memory_strategy(strategy, depth, heads, cp)
+        check_memory_strategy(strategy, depth, heads, cp, norm)
     except CPConfigError as e:
         raise CPConfigError(f"mixer '{kind}': {e}") from None
     return strategy
@@ -264,7 +266,7 @@ def mixer_strategy(mixer: nn.Module, strategy: str, cp: int) -> str:
         raise CPConfigError(f"mixer {cls.__name__} has no context-parallel version")
     mem = getattr(mixer, "memory", None)
     depth, heads = (len(mem.init_weights), mem.init_weights[0].shape[0]) if mem is not None else (0, 0)
-    return layer_strategy(_KINDS[cls], strategy, depth, heads, cp)
+    return layer_strategy(_KINDS[cls], strategy, depth, heads, cp, mem is not None and mem.ln_weight is not None)
 
 
 def check_cp_config(cfg, cp: int, tp: int = 1, strategy: str = "auto", seq_len: int | None = None) -> list[str]:
@@ -276,7 +278,8 @@ def check_cp_config(cfg, cp: int, tp: int = 1, strategy: str = "auto", seq_len: 
         raise CPConfigError(f"model.mem_heads={cfg.resolved_mem_heads} must be divisible by parallel.tp={tp}")
     if seq_len is not None:
         shard_bounds(seq_len, cp, cfg.chunk_size)          # raises if a rank would get no chunk
-    return [layer_strategy(kind, strategy, cfg.mem_depth, cfg.resolved_mem_heads // tp, cp) for kind in cfg.layers]
+    return [layer_strategy(kind, strategy, cfg.mem_depth, cfg.resolved_mem_heads // tp, cp, cfg.mem_norm)
+            for kind in cfg.layers]
 
 
 def _mixers(model: nn.Module):
@@ -292,7 +295,7 @@ def apply_context_parallel(model: nn.Module, cp_group=None, strategy: str = "aut
     counts you then read), a process group, or None for megatron's context-parallel group
     when megatron's groups are initialised, else the world. strategy: 'a2a',
     'state_passing', 'ring' or 'auto' (per memory layer: MAC -> ring, else a2a when the
-    memory heads divide over the group, else state_passing for depth 1, else ring).
+    memory heads divide over the group, else state_passing for a plain depth-1 memory, else ring).
     micro_batches: ring pipelining depth (default 2*cp over batch x heads; cp over batch for
     MAC). Raises CPConfigError, naming the mixer and the reason, before changing anything."""
     if isinstance(cp_group, CPComm):

@@ -220,20 +220,27 @@ def ring_forward(forward, x: torch.Tensor, state0, pos0: int, comm: CPComm, micr
 
 
 def ring_memory_scan(q, k, v, theta, eta, alpha, state: MemoryState, comm: CPComm, info: ShardInfo,
-                     impl: str = "auto", recompute_group: int | None = None, micro_batches: int | None = None):
+                     impl: str = "auto", recompute_group: int | None = None, micro_batches: int | None = None,
+                     norm=None):
     """The memory op as a ring over the CP group (any depth). Arguments as a2a_memory_scan;
-    micro-batches run over the B*H independent (sequence, head) pairs, 2P by default."""
+    micro-batches run over the B*H independent (sequence, head) pairs, 2P by default. A
+    micro-batch's pairs are scanned as the heads of one sequence ([1, pairs, ...]), so the
+    normalised memory's per-head ln_weight/ln_bias travel as one row per pair."""
     B, H, Lr, d = q.shape
     C, n, dt = state.chunk_size, state.depth, state_dtype(q)
     position = (state.position + info.offset()) % C
     flat = lambda t: t.reshape(B * H, 1, *t.shape[2:])  # noqa: E731
+    pairs_as_heads = lambda t: t.transpose(0, 1)  # noqa: E731  [pairs, 1, ...] <-> [1, pairs, ...]
 
     def step(xs, sts):
-        start = MemoryState(sts[:n], sts[n:2 * n], sts[2 * n:], position, C)
-        y, end = memory_scan(*xs, start, C, impl, recompute_group=recompute_group)
-        return [y], end.tensors()
+        start = MemoryState(*(list(map(pairs_as_heads, sts[i:i + n])) for i in range(0, 3 * n, n)), position, C)
+        ln = dict(zip(("ln_weight", "ln_bias"), xs[6:]))
+        y, end = memory_scan(*map(pairs_as_heads, xs[:6]), start, C, impl, recompute_group=recompute_group, **ln)
+        return [pairs_as_heads(y)], list(map(pairs_as_heads, end.tensors()))
 
     ins = [flat(t) for t in (q, k, v, theta, eta, alpha)]
+    if norm is not None:                           # [H, d] -> one row per (sequence, head) pair
+        ins += [p.to(dt).unsqueeze(0).expand(B, H, d).reshape(B * H, d) for p in norm]
     st0 = [flat(t.to(dt)) for t in state.tensors()]
     (y,), ends = ring_apply(step, ins, st0, comm, micro_batches or 2 * comm.size)
     # every rank gets the final state (it is rank P-1's end state): one broadcast, O(H |W|)
