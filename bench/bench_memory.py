@@ -3,9 +3,11 @@
 Reference shape (issue 2): d_model 256 = 4 heads x 64, depth-2 memory with expansion 4,
 chunk 64, batch 1, fp32, 2 threads. Each point runs in a fresh process (peak RSS is its
 own). MFU = counted matmul FLOPs / time / the fp32 matmul rate measured in the same run.
+--norms off,on runs each point with the plain memory and with the normalised one
+(model.mem_norm); "on/off" is the latter's tokens/s over the former's.
 
     python bench/bench_memory.py [--lengths 1024,4096,16384,65536] [--impls fused,chunked,naive]
-                                 [--naive-max 1024] [--chunked-max 16384]
+                                 [--naive-max 1024] [--chunked-max 16384] [--norms off,on]
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def child(args: dict) -> dict:
     torch.set_num_threads(args["threads"])
     allocator = host_allocator()              # as the trainer: tcmalloc if run_child preloaded it, else glibc+retain
     torch.manual_seed(0)
-    cfg = ModelConfig(**SHAPE)
+    cfg = ModelConfig(**SHAPE, mem_norm=args.get("norm") == "on")
     L, what, impl = args["length"], args["what"], args["impl"]
     layer = NeuralMemory(cfg)
     layer.impl = impl
@@ -60,9 +62,10 @@ def child(args: dict) -> dict:
             init = [w.unsqueeze(0).clone() for w in layer.init_weights]
         leaves = [t.detach().requires_grad_(True) for t in (q, k, v, theta, eta, alpha)]
         w0 = [w.requires_grad_(True) for w in init]
+        norm = {} if layer.ln_weight is None else {"ln_weight": layer.ln_weight, "ln_bias": layer.ln_bias}
 
         def step():
-            y, _ = memory_scan(*leaves, w0, chunk_size=cfg.chunk_size, impl=impl)
+            y, _ = memory_scan(*leaves, w0, chunk_size=cfg.chunk_size, impl=impl, **norm)
             y.sum().backward()
     # median of 3 after 2 warm-up steps (the allocator's heap settles in about 3 steps; a
     # training run takes thousands), one step for the slow float64 reference
@@ -81,6 +84,7 @@ def main() -> None:
     ap.add_argument("--impls", default="fused,chunked,naive")
     ap.add_argument("--naive-max", type=int, default=1024)
     ap.add_argument("--chunked-max", type=int, default=16384, help="autograd keeps every chunk's intermediates")
+    ap.add_argument("--norms", default="off,on", help="plain (off) and/or normalised (on) memory")
     a = parse_bench_args(ap, child)
     rows = []
     for what in ("op", "layer"):
@@ -88,14 +92,21 @@ def main() -> None:
             for impl in a.impls.split(","):
                 if (impl == "naive" and L > a.naive_max) or (impl == "chunked" and L > a.chunked_max):
                     continue
-                r = run_child(__file__, {"what": what, "impl": impl, "length": L, "threads": a.threads},
-                              a.timeout)
-                rows.append(r)
-                print(json.dumps(r), flush=True)
-    growth = growth_exponents(rows, ("what", "impl"), 4096, 65536)
+                for norm in a.norms.split(","):
+                    r = run_child(__file__, {"what": what, "impl": impl, "length": L, "norm": norm,
+                                             "threads": a.threads}, a.timeout)
+                    rows.append(r)
+                    print(json.dumps(r), flush=True)
+    plain = {(r["what"], r["impl"], r["length"]): r.get("tokens_per_s") for r in rows if r["norm"] == "off"}
+    for r in rows:
+        base = plain.get((r["what"], r["impl"], r["length"]))
+        if r["norm"] == "on" and base and r.get("tokens_per_s"):
+            r["norm_ratio"] = r["tokens_per_s"] / base
+    growth = growth_exponents(rows, ("what", "impl", "norm"), 4096, 65536)
     print()
-    print(table(rows, [("what", "what", ""), ("impl", "impl", ""), ("length", "tokens", "{:,}"),
-                       ("tokens_per_s", "tokens/s", "{:,.0f}"), ("seconds", "s/step", "{:.3f}"),
+    print(table(rows, [("what", "what", ""), ("impl", "impl", ""), ("norm", "norm", ""), ("length", "tokens", "{:,}"),
+                       ("tokens_per_s", "tokens/s", "{:,.0f}"), ("norm_ratio", "on/off", "{:.3f}"),
+                       ("seconds", "s/step", "{:.3f}"),
                        ("peak_rss_mb", "peak RSS MB", "{:,.0f}"), ("achieved_gflops_s", "GFLOP/s", "{:.1f}"),
                        ("mfu", "MFU", "{:.1%}"), ("error", "error", "")]))
     for what, g in growth.items():

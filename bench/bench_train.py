@@ -7,6 +7,7 @@ MFU = model FLOPs (titans_scale.flops, incl. the memory update) x tokens/s / the
 rate measured in the same process.
 
     python bench/bench_train.py [--configs small] [--lengths 1024,2048,4096,8192,16384]
+                                [--set model.mem_norm=true ...]   (config overrides)
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def child(args: dict) -> dict:
     if len(layers) != args["n_layers"]:
         layers = (layers * args["n_layers"])[: args["n_layers"]]
     cfg = load_run_config(str(ROOT / "configs" / f"{args['config']}.toml"),
-                          [f"model.layers={json.dumps(layers)}"])
+                          [*args.get("set", []), f"model.layers={json.dumps(layers)}"])
     model = TitansLM(cfg.model)
     opt = build_optimizer(model, cfg.optim)
     tok = torch.randint(0, cfg.model.vocab_size, (1, L + 1))
@@ -74,6 +75,7 @@ def main() -> None:
     ap.add_argument("--configs", default="tiny,small")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--lengths", default="1024,2048,4096,8192,16384")
+    ap.add_argument("--set", action="append", default=[], help="a config override, e.g. model.mem_norm=true")
     a = parse_bench_args(ap, child)
     from titans_scale.config import load_run_config
     rows = []
@@ -82,7 +84,7 @@ def main() -> None:
         for variant in a.variants.split(","):
             for L in map(int, a.lengths.split(",")):
                 r = run_child(__file__, {"config": conf, "variant": variant, "length": L, "n_layers": n_layers,
-                                         "threads": a.threads}, a.timeout)
+                                         "threads": a.threads, "set": a.set}, a.timeout)
                 rows.append(r)
                 print(json.dumps(r), flush=True)
     growth = growth_exponents(rows, ("config", "variant"), 2048, 16384)

@@ -198,10 +198,10 @@ RTOL = 1e-5                 # losses: relative, per step; gradients: relative to
 
 def make_cfg(tp: int = 1, pp: int = 1, dp: int = 1, *, sp: bool = False, vpp: int = 1, micro: int = 1,
              engine: str = "megatron", zero: int = 1, cp: int = 1, cp_strategy: str = "a2a",
-             layers: tuple[str, ...] = ALL_MIXERS) -> RunConfig:
+             layers: tuple[str, ...] = ALL_MIXERS, mem_norm: bool = False) -> RunConfig:
     cfg = RunConfig()
     cfg.model = ModelConfig(d_model=32, n_heads=2, mem_heads=2, mem_expansion=2, chunk_size=8, window=8,
-                            segment_len=16, n_persistent=2, vocab_size=259, layers=list(layers))
+                            segment_len=16, n_persistent=2, vocab_size=259, layers=list(layers), mem_norm=mem_norm)
     cfg.data.seq_len, cfg.data.batch_size = SEQ, GLOBAL_BATCH // dp
     # A large rate and a tight clip: the steps move the weights and clipping is active.
     cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.grad_clip = 1e-2, 1, 0.5
@@ -221,9 +221,10 @@ def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
-def reference(layers: tuple[str, ...] = ALL_MIXERS) -> tuple[list[float], dict[str, torch.Tensor]]:
+def reference(layers: tuple[str, ...] = ALL_MIXERS,
+              mem_norm: bool = False) -> tuple[list[float], dict[str, torch.Tensor]]:
     """One process, the single-device trainer's pieces: losses per step, grads of step 1."""
-    cfg = make_cfg(layers=layers)
+    cfg = make_cfg(layers=layers, mem_norm=mem_norm)
     torch.manual_seed(cfg.train.seed)
     model = TitansLM(cfg.model)
     opt = build_optimizer(model, cfg.optim)

@@ -1,8 +1,9 @@
 """Context parallelism through the distributed trainer (ParallelRuntime) against one process.
 
-Fast: one spawn of 2 ranks trains CP=2 (TP=1, PP=1) twice: a MAG model with the all-to-all
-strategy, and the model with every mixer (MAC, MAG, MAL, LMM, SWA, SEG, full attention) under
-the ring. Each rank feeds the runtime whole sequences and it keeps its shard; the losses must
+Fast: one spawn of 2 ranks trains CP=2 (TP=1, PP=1): a MAG model with the all-to-all
+strategy, the model with every mixer (MAC, MAG, MAL, LMM, SWA, SEG, full attention) under
+the ring, and the MAG model with the normalised memory (model.mem_norm) under a2a and ring.
+Each rank feeds the runtime whole sequences and it keeps its shard; the losses must
 match the single-process run (1e-5 relative per step) and so must the step-1 gradients after
 megatron's DDP reduced them over DP x CP.
 
@@ -27,6 +28,8 @@ MAG = ("mag", "mag")
 LAYOUTS = {
     "cp2_mag_a2a": (MAG, dict(cp=2, cp_strategy="a2a", layers=MAG)),
     "cp2_all_ring": (ALL_MIXERS, dict(cp=2, cp_strategy="ring")),
+    "cp2_mag_a2a_norm": (MAG, dict(cp=2, cp_strategy="a2a", layers=MAG, mem_norm=True)),
+    "cp2_mag_ring_norm": (MAG, dict(cp=2, cp_strategy="ring", layers=MAG, mem_norm=True)),
 }
 
 
@@ -38,10 +41,63 @@ def runs():
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_cp_training_matches_one_process(runs, layout):
-    ref = reference(LAYOUTS[layout][0])
+    layers, kw = LAYOUTS[layout]
+    ref = reference(layers, mem_norm=kw.get("mem_norm", False))
     for rank_result in runs:
         assert "CP=2" in rank_result[layout]["describe"]
         check_parity(rank_result[layout], *ref)
+
+
+def _normalised_memory_op_errors() -> dict:
+    """In each of 2 ranks: cp_memory_scan with ln_weight/ln_bias (float64, shards cut mid-chunk)
+    against the one-process per-token reference: the largest relative error over y, the final
+    state and the gradients of q..alpha, W^0, ln_weight and ln_bias (replicated ones summed)."""
+    import torch.distributed as dist
+
+    from tests.helpers import make_inputs, rel_err
+    from titans_scale.ops.memory import memory_scan
+    from titans_scale.parallel.context import CPComm, CPConfigError, cp_memory_scan
+
+    comm, cuts, out = CPComm(dist.group.WORLD), [0, 9, 21], {}
+    a, b = cuts[comm.rank], cuts[comm.rank + 1]
+    for strategy, depth, impl in [(s, d, i) for s in ("a2a", "ring") for d in (1, 2) for i in ("chunked", "fused")]:
+        q, k, v, theta, eta, alpha, init = make_inputs(B=2, H=2, L=21, d=4, depth=depth, seed=depth)
+        g = torch.Generator().manual_seed(depth)
+        r = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+        norm = [1 + 0.3 * r(2, 4), 0.2 * r(2, 4)]
+        dy = r(*q.shape)
+        ins = [q, k, v, theta * 0.25, eta, alpha]        # inner steps as tests/ops/test_memory_norm.py
+        leaves = [t.clone().requires_grad_() for t in ins + init + norm]
+        y, st = memory_scan(*leaves[:6], leaves[6:-2], 4, "naive", ln_weight=leaves[-2], ln_bias=leaves[-1])
+        ref = torch.autograd.grad((y * dy).sum() + sum((s ** 2).sum() for s in st.tensors()), leaves)
+        loc = [t[:, :, a:b].clone().requires_grad_() for t in ins] + [t.clone().requires_grad_() for t in init + norm]
+        y_cp, st_cp = cp_memory_scan(*loc[:6], loc[6:-2], 4, comm, strategy, impl, ln_weight=loc[-2], ln_bias=loc[-1])
+        loss = (y_cp * dy[:, :, a:b]).sum() + sum((s ** 2).sum() for s in st_cp.tensors()) / comm.size
+        grads = [torch.zeros_like(t) if x is None else x
+                 for x, t in zip(torch.autograd.grad(loss, loc, allow_unused=True), loc)]
+        for x in grads[6:]:                                # replicated over the group: sum
+            dist.all_reduce(x)
+        errs = [rel_err(y_cp, y[:, :, a:b])] + [rel_err(x, r) for x, r in zip(st_cp.tensors(), st.tensors())]
+        errs += [rel_err(x, r[:, :, a:b]) for x, r in zip(grads[:6], ref[:6])]
+        errs += [rel_err(x, r) for x, r in zip(grads[6:], ref[6:])]
+        out[f"{strategy}-{depth}-{impl}"] = max(errs)
+    try:
+        linear = [torch.zeros(2, 2, 4, 4, dtype=torch.float64)]
+        cp_memory_scan(*loc[:6], linear, 4, comm, "state_passing", "chunked", ln_weight=loc[-2], ln_bias=loc[-1])
+    except CPConfigError as e:
+        out["state_passing"] = str(e)
+    return out
+
+
+def test_normalised_memory_op_matches_one_process():
+    """cp_memory_scan with the normalised memory equals the float64 per-token reference under a2a
+    and ring (depth 1-2, chunked and fused); state_passing refuses it in one line."""
+    from titans_scale.parallel.launch_utils import run_distributed
+
+    for errors in run_distributed(_normalised_memory_op_errors, 2, timeout_s=600):
+        assert "mem_norm" in errors.pop("state_passing")
+        for case, err in errors.items():
+            assert err < 1e-10, case
 
 
 FOUR_RANK_LAYOUTS = {

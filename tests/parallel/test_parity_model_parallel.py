@@ -2,7 +2,8 @@
 
 One spawn of 2 ranks trains, in turn, TP=2, TP=2+SP, PP=2 (1F1B) and PP=2 interleaved (2
 virtual stages per rank) on a tiny TitansLM holding every mixer (MAC, MAG, MAL, LMM, SWA, SEG,
-full attention). Each must reproduce the single-process losses (1e-5 relative per step) and
+full attention), and TP=2 with the normalised memory (model.mem_norm: ln_weight/ln_bias split
+by memory heads, gathered back whole). Each must reproduce the single-process losses (1e-5 relative per step) and
 step-1 gradients (gathered back to TitansLM names). The same ranks then count the collectives
 the memory update issues under TP (none), and save a sharded checkpoint under TP=2 that is
 resumed under PP=2 and DP=2 with the same next loss.
@@ -13,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import batches, check_every_rank, make_cfg, spawn_layouts
+from tests.helpers import batches, check_every_rank, make_cfg, reference, spawn_layouts
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
                                 reason="CPU/gloo parity runs; CUDA machines run the GPU suite")
@@ -24,6 +25,7 @@ LAYOUTS = {
     "pp2_1f1b": dict(pp=2, micro=2),
     "pp2_interleaved": dict(pp=2, vpp=2, micro=2),
 }
+NORM_LAYOUTS = {"tp2_norm": dict(tp=2, mem_norm=True)}
 
 _COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
                 "broadcast", "reduce", "all_to_all", "all_to_all_single", "send", "recv", "isend", "irecv",
@@ -118,12 +120,17 @@ def _after_layouts(ckpt_root: str) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    return spawn_layouts(2, LAYOUTS, _after_layouts, str(tmp_path_factory.mktemp("reshard")))
+    return spawn_layouts(2, {**LAYOUTS, **NORM_LAYOUTS}, _after_layouts, str(tmp_path_factory.mktemp("reshard")))
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_matches_one_process(runs, ref, layout):
     check_every_rank(runs, layout, ref)
+
+
+@pytest.mark.parametrize("layout", list(NORM_LAYOUTS))
+def test_normalised_memory_layout_matches_one_process(runs, layout):
+    check_every_rank(runs, layout, reference(mem_norm=True))
 
 
 def test_memory_update_issues_no_collective_under_tp(runs):

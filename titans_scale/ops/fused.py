@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .mlp import _INV_SQRT2PI, layer_norm_backward, layer_norm_parts
+from .mlp import _INV_SQRT2PI, LN_EPS
 from .scan_function import ScanConfig, scan_with_backend
 from .state import MemoryState
 
@@ -141,6 +141,18 @@ def _per_row(norm):
 # dg then flows into g_W as in the plain memory (g = x W, or g = gelu(x W1) W2).
 
 
+def _layer_norm(g: torch.Tensor):
+    """LN(g) over the last dim without affine, its mean and rstd ([.., 1]): one aten kernel."""
+    return torch.native_layer_norm(g, (g.shape[-1],), None, None, LN_EPS)
+
+
+def _layer_norm_vjp(x: torch.Tensor, g: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    """J x = d/dg <x, LN(g)> (mlp.layer_norm_backward) in one aten kernel. The CPU kernel reads
+    mean and rstd as if contiguous (a row slice of them gives wrong values), so they are made so."""
+    return torch.ops.aten.native_layer_norm_backward(x, g, (g.shape[-1],), mean.contiguous(), rstd.contiguous(),
+                                                     None, None, [True, False, False])[0]
+
+
 def _head(g, x, v, skip, norm):
     """f(q) for the reads and err = d l / d g at the keys, from g = g_W([q; k]) (may be changed
     in place); the third value is what _head_backward needs (None for a plain head)."""
@@ -148,10 +160,11 @@ def _head(g, x, v, skip, norm):
     if norm is None:
         f = g.add_(x) if skip else g
         return f[:, :C], f[:, C:] - v, None
-    normed, rstd = layer_norm_parts(g)
+    normed, mean, rstd = _layer_norm(g)
     f = torch.addcmul(norm[1], norm[0], normed).add_(x)
     e = f[:, C:] - v
-    return f[:, :C], layer_norm_backward(norm[0] * e, normed[:, C:], rstd[:, C:]), (normed, rstd, e)
+    err = _layer_norm_vjp(norm[0] * e, g[:, C:], mean[:, C:], rstd[:, C:])
+    return f[:, :C], err, (g, normed, mean, rstd, e)
 
 
 def _head_backward(dy, derr, err, saved, skip, norm, dnorm):
@@ -160,18 +173,18 @@ def _head_backward(dy, derr, err, saved, skip, norm, dnorm):
     if norm is None:
         return torch.cat([dy, derr], dim=1), (dy if skip else None), (derr if skip else None), -derr
     w = norm[0]
-    normed, rstd, e = saved
+    g, normed, mean, rstd, e = saved
     C, d = dy.shape[1], dy.shape[-1]
-    nq, nk, rq, rk = normed[:, :C], normed[:, C:], rstd[:, :C], rstd[:, C:]
-    a_r = layer_norm_backward(derr, nk, rk)
+    nq, nk, rk = normed[:, :C], normed[:, C:], rstd[:, C:]
+    a_r = _layer_norm_vjp(derr, g[:, C:], mean[:, C:], rk)
     de = w * a_r
     dot = lambda x, y: (x * y).sum(-1, keepdim=True)  # noqa: E731
     second = dot(derr, err) * nk + dot(w * e, nk) * a_r + dot(derr, nk) * err
-    dgk = layer_norm_backward(w * de, nk, rk).sub_(second.mul_(rk / d))
-    dgq = layer_norm_backward(w * dy, nq, rq)
+    dg = _layer_norm_vjp(w * torch.cat([dy, de], dim=1), g, mean, rstd)    # [J_q (w dy); J_k (w de)]
+    dg[:, C:].sub_(second.mul_(rk / d))
     dnorm[0].add_((a_r * e + de * nk).sum(1) + (dy * nq).sum(1))
     dnorm[1].add_(de.sum(1) + dy.sum(1))
-    return torch.cat([dgq, dgk], dim=1), dy, de, -de
+    return dg, dy, de, -de
 
 
 def _bwd_linear(qkc, k, v, dy, cs, cw, W, dws, dss, norm, dnorm):
