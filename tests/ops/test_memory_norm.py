@@ -182,3 +182,14 @@ def test_gradients_through_state_streamed_mid_chunk_equal_naive(impl, depth):
     names = ["q", "k", "v", "theta", "eta", "alpha"] + [f"W{i}" for i in range(depth)] + ["ln_weight", "ln_bias"]
     for name, a, b_ in zip(names, grads[impl], grads["naive"]):
         assert rel_err(a, b_) < 1e-8, name
+
+
+@pytest.mark.parametrize("impl,depth", impl_depths([1, 2]))
+def test_fp32_at_the_reference_chunk_size(impl, depth):
+    """fp32 over several 64-token chunks (the default size) stays within 1e-5 of the float64 reference."""
+    args = make_norm_inputs(B=1, H=2, L=64 * 3 + 17, d=16, depth=depth, seed=7)
+    w, b = (p.repeat(1, 2) for p in norm_params())              # [H, 16]
+    y_ref, _ = memory_scan(*args, chunk_size=64, impl="naive", ln_weight=w, ln_bias=b)
+    args32 = [t.float() for t in args[:6]] + [[x.float() for x in args[6]]]
+    y, _ = memory_scan(*args32, chunk_size=64, impl=impl, ln_weight=w.float(), ln_bias=b.float())
+    assert rel_err(y.double(), y_ref) < 1e-5
