@@ -100,6 +100,21 @@ def test_normalised_memory_op_matches_one_process():
             assert err < 1e-10, case
 
 
+def test_auto_strategy_never_picks_state_passing_for_the_normalised_memory():
+    """3 linear memory heads over cp=2: auto picks state_passing for the plain memory, ring with
+    mem_norm; asking for state_passing with mem_norm is a one-line config error."""
+    from dataclasses import replace
+
+    from titans_scale.model import ModelConfig
+    from titans_scale.parallel.context import CPConfigError, check_cp_config
+
+    plain = ModelConfig(d_model=24, n_heads=2, mem_heads=3, mem_depth=1, layers=["lmm"])
+    assert check_cp_config(plain, cp=2) == ["state_passing"]
+    assert check_cp_config(replace(plain, mem_norm=True), cp=2) == ["ring"]
+    with pytest.raises(CPConfigError, match="mem_norm"):
+        check_cp_config(replace(plain, mem_norm=True), cp=2, strategy="state_passing")
+
+
 FOUR_RANK_LAYOUTS = {
     "tp2_cp2_ring": dict(tp=2, cp=2, cp_strategy="ring", layers=MAG),
     "tp2_sp_cp2_ring": dict(tp=2, sp=True, cp=2, cp_strategy="ring", layers=MAG),
