@@ -6,7 +6,7 @@ full attention), and TP=2 with the normalised memory (model.mem_norm: ln_weight/
 by memory heads, gathered back whole). Each must reproduce the single-process losses (1e-5 relative per step) and
 step-1 gradients (gathered back to TitansLM names). The same ranks then count the collectives
 the memory update issues under TP (none), and save a sharded checkpoint under TP=2 that is
-resumed under PP=2 and DP=2 with the same next loss.
+resumed under PP=2 and DP=2 with the same next loss (and, with mem_norm, under DP=2).
 """
 
 from __future__ import annotations
@@ -90,16 +90,17 @@ def _count_memory_collectives() -> dict:
             "total": counts["total"], "local_heads": sorted({c[0][0].shape[1] for c in calls})}
 
 
-def _reshard_resume(ckpt_root: str) -> dict:
-    """Save after 2 steps under TP=2, then load under TP=2, PP=2 and DP=2: step 3's loss."""
+def _reshard_resume(ckpt_root: str, mem_norm: bool = False, targets: tuple[str, ...] = ("pp2", "dp2")) -> dict:
+    """Save after 2 steps under TP=2, then load under each of `targets` (PP=2, DP=2): step 3's loss."""
     from titans_scale.parallel.checkpoint import ShardedCheckpointer
     from titans_scale.parallel.runtime import ParallelRuntime
     from titans_scale.train.optim import lr_lambda
 
     out = {}
     data = batches()
-    for name, layout in (("tp2", dict(tp=2)), ("pp2", dict(pp=2, micro=2)), ("dp2", dict(dp=2))):
-        cfg = make_cfg(**layout)
+    layouts = {"tp2": dict(tp=2), "pp2": dict(pp=2, micro=2), "dp2": dict(dp=2)}
+    for name in ("tp2", *targets):
+        cfg = make_cfg(**layouts[name], mem_norm=mem_norm)
         lr_at = lr_lambda(cfg.optim, cfg.train.steps)
         rt = ParallelRuntime(cfg)
         ckpt = ShardedCheckpointer(ckpt_root, rt.engine, rt.layout)
@@ -115,7 +116,8 @@ def _reshard_resume(ckpt_root: str) -> dict:
 
 
 def _after_layouts(ckpt_root: str) -> dict:
-    return {"collectives": _count_memory_collectives(), "reshard": _reshard_resume(ckpt_root)}
+    return {"collectives": _count_memory_collectives(), "reshard": _reshard_resume(ckpt_root),
+            "reshard_norm": _reshard_resume(f"{ckpt_root}/norm", mem_norm=True, targets=("dp2",))}
 
 
 @pytest.fixture(scope="module")
@@ -147,3 +149,10 @@ def test_checkpoint_reshards_tp_to_pp_and_dp(runs):
         r = rank_result["reshard"]
         for name in ("pp2", "dp2"):
             assert abs(r[name] - r["tp2"]) <= 1e-5 * abs(r["tp2"]), f"{name}: {r[name]} vs tp2 {r['tp2']}"
+
+
+def test_checkpoint_of_the_normalised_memory_reshards_tp_to_dp(runs):
+    """mem_norm: ln_weight/ln_bias saved as TP=2 head shards load whole under DP=2 (same next loss)."""
+    for rank_result in runs:
+        r = rank_result["reshard_norm"]
+        assert abs(r["dp2"] - r["tp2"]) <= 1e-5 * abs(r["tp2"]), f"dp2: {r['dp2']} vs tp2 {r['tp2']}"
