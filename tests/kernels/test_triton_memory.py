@@ -192,6 +192,17 @@ def test_normalised_memory_streamed(depth):
 
 
 @pytest.mark.parametrize("depth", [1, 2])
+def test_normalised_memory_bf16_inputs(depth):
+    """bf16 q, k, v with fp32 ln_weight/ln_bias (the kernels keep the norm and the state in fp32)."""
+    args = _inputs(depth, 32, 45, dtype=torch.bfloat16, H=1, theta_scale=0.25, seed=1)
+    norm = _norm(1, 32)
+    probe = _probe(args, seed=0)
+    got = _run("triton", args, 16, probe, norm=norm)
+    assert got[0].dtype == torch.bfloat16 and got[2][-1].dtype == torch.float32
+    _assert_close(got, _run("naive", _as_float64(args), 16, probe, norm=_norm64(norm)), 1e-2, "bf16 norm")
+
+
+@pytest.mark.parametrize("depth", [1, 2])
 def test_bf16_inputs_equal_reference(depth):
     args = _inputs(depth, 32, 45, dtype=torch.bfloat16, H=1)
     probe = _probe(args)
