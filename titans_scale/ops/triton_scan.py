@@ -185,7 +185,6 @@ def triton_scan(q, k, v, theta, eta, alpha, state: MemoryState, recompute_group:
     """The registered impl: PyTorch for partial chunks at either end, kernels in between.
     norm: (ln_weight, ln_bias) [H, d], or None for the plain memory."""
     cfg = kernel_config(q, v, state, recompute_group, norm is not None)
-    if norm is not None:
-        norm = tuple(p.to(state.weights[0].dtype) for p in norm)
-    return scan_with_backend(TritonBackend, cfg, q, k, v, theta, eta, alpha, state, norm=norm)
+    extra = {} if norm is None else {"norm": tuple(p.to(state.weights[0].dtype) for p in norm)}
+    return scan_with_backend(TritonBackend, cfg, q, k, v, theta, eta, alpha, state, **extra)
 
