@@ -61,7 +61,6 @@ class KernelConfig(ScanConfig):
     fwd: Tiles
     fwd_recompute: Tiles   # the forward without reads (recompute in backward)
     bwd: Tiles
-
     norm: bool             # the normalised memory (the kernels' NORM)
 
     @property
