@@ -15,6 +15,20 @@ then back through the factors to k, v and W_c: the outer gradient flows through 
 inner gradient (second-order terms). Outputs per token: dq, dk, dv, dc_s, dc_w; per
 chunk: dP, dA, dQ (the host maps the coefficient gradients back to theta, eta, alpha).
 Layouts as in memory_fwd.py; states [BH, slots, in, out] with chunk c at slot0 + c.
+
+The normalised memory (NORM; f(k) = k + w LN(g) + b, g = g_W(k)). Per token, with
+n = LN(g), r = 1/sqrt(var(g) + eps), J = dn/dg = r (I - 11^T/d - n n^T/d) (symmetric),
+a = f(k) - v and u = w a, the error factor is err = J u (memory_fwd.norm_error). Given
+de = dL/d err (what the plain kernels call derr):
+
+    du = J de,   da = w du   ->  dk += da, dv = -da, d ln_bias += da, d ln_weight += a du + n da
+    dg = J (w da) - r (mean(de err) n + mean(u n) du + mean(de n) err)
+
+(J (w da): through n inside a; the rest: J's own dependence on g, through n and through r
+with dr/dg = -r^2 n / d). dg takes the place of derr on the path through g (W_c, z, k). The
+retrieval y = q + w LN(g(q)) + b sends dq += dy and, into g(q), J_q (w dy); d ln_weight +=
+dy n_q, d ln_bias += dy. Sums over tokens of d ln_weight/ln_bias are added into
+dlw, dlb [BH, d] at the end of the launch.
 """
 
 from __future__ import annotations
@@ -22,7 +36,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .memory_fwd import gelu, gelu_grad, gelu_grad2, hidden_tile, load_rows
+from .memory_fwd import (
+    gelu, gelu_grad, gelu_grad2, hidden_tile, layer_norm, layer_norm_backward, load_norm, load_rows, norm_error,
+)
 
 
 @triton.jit
@@ -31,14 +47,33 @@ def _store_rows(ptr, x, bh, T, tok, rcol, mrow, mcol, WIDTH: tl.constexpr):
 
 
 @triton.jit
+def norm_error_backward(derr, err, normed, rstd, a, lw, mcol, D: tl.constexpr):
+    """dL/dg and dL/da from dL/d err for err = J (w a) (the module docstring), and du."""
+    du = layer_norm_backward(derr, normed, rstd, mcol, D)
+    da = lw * du
+    mean_de = tl.sum(derr * err, axis=1)[:, None] / D
+    mean_un = tl.sum(lw * a * normed, axis=1)[:, None] / D
+    mean_dn = tl.sum(derr * normed, axis=1)[:, None] / D
+    second = mean_de * normed + mean_un * du + mean_dn * err
+    return layer_norm_backward(lw * da, normed, rstd, mcol, D) - rstd * second, da, du
+
+
+@triton.jit
+def _add_row(ptr, x, bh, rcol, mcol, D: tl.constexpr):
+    """ptr[bh, :] += x (one program owns the row)."""
+    off = bh * D + rcol
+    tl.store(ptr + off, tl.load(ptr + off, mask=mcol, other=0.0) + x, mask=mcol)
+
+
+@triton.jit
 def _bwd_linear(
     q_ptr, k_ptr, v_ptr, dy_ptr, cs_ptr, cw_ptr, p_ptr, a_ptr, qq_ptr,
-    sw_ptr, ss_ptr, dw_ptr, ds_ptr,
-    dq_ptr, dk_ptr, dv_ptr, dcs_ptr, dcw_ptr, dp_ptr, da_ptr, dqq_ptr,
+    sw_ptr, ss_ptr, dw_ptr, ds_ptr, lw_ptr, lb_ptr,
+    dq_ptr, dk_ptr, dv_ptr, dcs_ptr, dcw_ptr, dp_ptr, da_ptr, dqq_ptr, dlw_ptr, dlb_ptr,
     n_chunks, tok_chunk0, n_tok_chunks, slot0, n_slots,
     C: tl.constexpr, D_IN: tl.constexpr, D_OUT: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_IN: tl.constexpr, BLOCK_OUT: tl.constexpr,
-    PRECISION: tl.constexpr,
+    NORM: tl.constexpr, PRECISION: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)
     rc = tl.arange(0, BLOCK_C)
@@ -46,6 +81,11 @@ def _bwd_linear(
     mc, mi = rc < C, ri < D_IN
     T = n_tok_chunks * C
     W_SIZE = D_IN * D_OUT
+    if NORM:        # one output tile holding the whole row (as the forward), so its columns are ri
+        tl.static_assert(BLOCK_OUT == BLOCK_IN)
+        lw, lb = load_norm(lw_ptr, lb_ptr, bh, ri, mi, D_IN)
+        dlw = tl.zeros((BLOCK_IN,), dtype=tl.float32)
+        dlb = tl.zeros((BLOCK_IN,), dtype=tl.float32)
     for i in range(n_chunks):
         c = n_chunks - 1 - i
         tok = (tok_chunk0 + c) * C + rc
@@ -76,7 +116,10 @@ def _bwd_linear(
             dS = tl.load(ds_ptr + bh * W_SIZE + w_off, mask=m_w, other=0.0)
             v = load_rows(v_ptr, bh, T, tok, ro, mc, mo, D_OUT)
             dy = load_rows(dy_ptr, bh, T, tok, ro, mc, mo, D_OUT)
-            err = tl.dot(k, W, input_precision=PRECISION) - v
+            if NORM:
+                err, normed, rstd, a = norm_error(tl.dot(k, W, input_precision=PRECISION), k, v, lw, lb, mo, D_OUT)
+            else:
+                err = tl.dot(k, W, input_precision=PRECISION) - v
             m_s = tl.dot(k, dS, input_precision=PRECISION)
             m_w2 = tl.dot(k, dW, input_precision=PRECISION)
             derr = cs * m_s + cw * m_w2
@@ -84,11 +127,22 @@ def _bwd_linear(
             dcw += tl.sum(m_w2 * err, axis=1)
             dk += tl.dot(cs * err, tl.trans(dS), input_precision=PRECISION)
             dk += tl.dot(cw * err, tl.trans(dW), input_precision=PRECISION)
-            dk += tl.dot(derr, tl.trans(W), input_precision=PRECISION)
+            if NORM:
+                dg, da, du = norm_error_backward(derr, err, normed, rstd, a, lw, mo, D_OUT)
+                dk += da
+                dlw += tl.sum(a * du + normed * da, axis=0)
+                nq, rq = layer_norm(tl.dot(q, W, input_precision=PRECISION), mo, D_OUT)
+                dlw += tl.sum(dy * nq, axis=0)
+                dlb += tl.sum(da + dy, axis=0)
+                dq += dy                                                    # the skip of the read
+                dy = layer_norm_backward(lw * dy, nq, rq, mo, D_OUT)        # d L / d g(q)
+            else:
+                dg, da = derr, derr
+            dk += tl.dot(dg, tl.trans(W), input_precision=PRECISION)
             dq += tl.dot(dy, tl.trans(W), input_precision=PRECISION)
-            _store_rows(dv_ptr, -derr, bh, T, tok, ro, mc, mo, D_OUT)
+            _store_rows(dv_ptr, -da, bh, T, tok, ro, mc, mo, D_OUT)
             dWc = tl.dot(tl.trans(q), dy, input_precision=PRECISION)
-            dWc += tl.dot(tl.trans(k), derr, input_precision=PRECISION)
+            dWc += tl.dot(tl.trans(k), dg, input_precision=PRECISION)
             acc_p += dS * S
             acc_a += dW * W
             acc_q += dW * S
@@ -102,17 +156,20 @@ def _bwd_linear(
         tl.store(da_ptr + bh * n_chunks + c, tl.sum(tl.sum(acc_a, axis=1), axis=0))
         tl.store(dqq_ptr + bh * n_chunks + c, tl.sum(tl.sum(acc_q, axis=1), axis=0))
         tl.debug_barrier()
+    if NORM:
+        _add_row(dlw_ptr, dlw, bh, ri, mi, D_IN)
+        _add_row(dlb_ptr, dlb, bh, ri, mi, D_IN)
 
 
 @triton.jit
 def _bwd_mlp2(
     q_ptr, k_ptr, v_ptr, dy_ptr, cs_ptr, cw_ptr, p_ptr, a_ptr, qq_ptr,
-    sw1_ptr, sw2_ptr, ss1_ptr, ss2_ptr, dw1_ptr, dw2_ptr, ds1_ptr, ds2_ptr,
-    dq_ptr, dk_ptr, dv_ptr, dcs_ptr, dcw_ptr, dp_ptr, da_ptr, dqq_ptr,
+    sw1_ptr, sw2_ptr, ss1_ptr, ss2_ptr, dw1_ptr, dw2_ptr, ds1_ptr, ds2_ptr, lw_ptr, lb_ptr,
+    dq_ptr, dk_ptr, dv_ptr, dcs_ptr, dcw_ptr, dp_ptr, da_ptr, dqq_ptr, dlw_ptr, dlb_ptr,
     n_chunks, tok_chunk0, n_tok_chunks, slot0, n_slots,
     C: tl.constexpr, D: tl.constexpr, HID: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr,
-    PRECISION: tl.constexpr,
+    NORM: tl.constexpr, PRECISION: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)
     rc = tl.arange(0, BLOCK_C)
@@ -120,6 +177,10 @@ def _bwd_mlp2(
     mc, md = rc < C, rd < D
     T = n_tok_chunks * C
     W_SIZE = D * HID
+    if NORM:
+        lw, lb = load_norm(lw_ptr, lb_ptr, bh, rd, md, D)
+        dlw = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        dlb = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for i in range(n_chunks):
         c = n_chunks - 1 - i
         tok = (tok_chunk0 + c) * C + rc
@@ -141,7 +202,10 @@ def _bwd_mlp2(
             W1 = tl.load(sw1_ptr + state + o1, mask=m1, other=0.0)
             W2 = tl.load(sw2_ptr + state + o2, mask=m2, other=0.0)
             pred += tl.dot(gelu(tl.dot(k, W1, input_precision=PRECISION)), W2, input_precision=PRECISION)
-        err = k + pred - v
+        if NORM:
+            err, normed, rstd, a = norm_error(pred, k, v, lw, lb, md, D)
+        else:
+            err = k + pred - v
 
         # pass B: d err (needs sums over all hidden tiles) and the coefficient gradients
         derr = tl.zeros((BLOCK_C, BLOCK_D), dtype=tl.float32)
@@ -172,12 +236,19 @@ def _bwd_mlp2(
         dcs += tl.sum(m2s * err, axis=1)
         dcw += tl.sum(m2w * err, axis=1)
         derr += cs * m2s + cw * m2w
+        if NORM:   # d L / d g (the path through W_c, z and k) and d L / d a (through k, v)
+            dg, da, du = norm_error_backward(derr, err, normed, rstd, a, lw, md, D)
+            dlw += tl.sum(a * du + normed * da, axis=0)
+            dlb += tl.sum(da, axis=0)
+        else:      # err = k + g - v
+            dg, da = derr, derr
+        _store_rows(dv_ptr, -da, bh, T, tok, rd, mc, md, D)
         tl.debug_barrier()
 
         # pass C: per hidden tile, the gradients w.r.t. W_c through the update, w.r.t. k, and
         # the state carried back. Row scalings (cs, cw) act on dot outputs rather than on
-        # [C, D] operands, so only k, err and derr stay staged in shared memory across tiles.
-        dk = derr
+        # [C, D] operands, so only k, err and dg stay staged in shared memory across tiles.
+        dk = da
         acc_p = tl.zeros((BLOCK_D, BLOCK_J), dtype=tl.float32)
         acc_a = tl.zeros((BLOCK_D, BLOCK_J), dtype=tl.float32)
         acc_q = tl.zeros((BLOCK_D, BLOCK_J), dtype=tl.float32)
@@ -201,14 +272,14 @@ def _bwd_mlp2(
             # d z: from the layer-2 factor (left = z) and from err = k + z W2 - v
             dz = cs * tl.dot(err, tl.trans(dS2), input_precision=PRECISION)
             dz += cw * tl.dot(err, tl.trans(dW2), input_precision=PRECISION)
-            dz += tl.dot(derr, tl.trans(W2), input_precision=PRECISION)
+            dz += tl.dot(dg, tl.trans(W2), input_precision=PRECISION)
             dhk = dz * gp + dgh * e2 * gelu_grad2(hk)
             # d k: from the layer-1 factor (left = k) and through h = k W1
             dk += cs * tl.dot(gh, tl.trans(dS1), input_precision=PRECISION)
             dk += cw * tl.dot(gh, tl.trans(dW1), input_precision=PRECISION)
             dk += tl.dot(dhk, tl.trans(W1), input_precision=PRECISION)
             dW1c = tl.dot(kt, dhk, input_precision=PRECISION)
-            dW2c = tl.dot(tl.trans(zk), derr, input_precision=PRECISION)
+            dW2c = tl.dot(tl.trans(zk), dg, input_precision=PRECISION)
             dW2c += tl.dot(tl.trans(de2), err, input_precision=PRECISION)
             # the chunk-end state S' = P S + G_s, W' = A W + Q S + G_w
             acc_p += dS1 * S1 + tl.trans(dS2 * S2)
@@ -226,6 +297,17 @@ def _bwd_mlp2(
         q = load_rows(q_ptr, bh, T, tok, rd, mc, md, D)
         dy = load_rows(dy_ptr, bh, T, tok, rd, mc, md, D)
         dq = dy                                                             # the skip path
+        if NORM:   # y = q + w LN(g(q)) + b: one more pass for the full row of g(q)
+            gq = tl.zeros((BLOCK_C, BLOCK_D), dtype=tl.float32)
+            for j0 in range(0, HID, BLOCK_J):
+                m1, m2, o1, o2 = hidden_tile(j0, rd, md, HID, D, BLOCK_J)
+                W1 = tl.load(sw1_ptr + state + o1, mask=m1, other=0.0)
+                W2 = tl.load(sw2_ptr + state + o2, mask=m2, other=0.0)
+                gq += tl.dot(gelu(tl.dot(q, W1, input_precision=PRECISION)), W2, input_precision=PRECISION)
+            nq, rq = layer_norm(gq, md, D)
+            dlw += tl.sum(dy * nq, axis=0)
+            dlb += tl.sum(dy, axis=0)
+            dy = layer_norm_backward(lw * dy, nq, rq, md, D)                # d L / d g(q)
         for j0 in range(0, HID, BLOCK_J):
             m1, m2, o1, o2 = hidden_tile(j0, rd, md, HID, D, BLOCK_J)
             W1 = tl.load(sw1_ptr + state + o1, mask=m1, other=0.0)
@@ -239,10 +321,12 @@ def _bwd_mlp2(
             dW2 += tl.dot(tl.trans(gelu(hq)), dy, input_precision=PRECISION)
             tl.store(dw2_ptr + bh * W_SIZE + o2, dW2, mask=m2)
         _store_rows(dq_ptr, dq, bh, T, tok, rd, mc, md, D)
-        _store_rows(dv_ptr, -derr, bh, T, tok, rd, mc, md, D)
         tl.store(dcs_ptr + cidx, dcs, mask=mc)
         tl.store(dcw_ptr + cidx, dcw, mask=mc)
         tl.store(dp_ptr + bh * n_chunks + c, tl.sum(tl.sum(acc_p, axis=1), axis=0))
         tl.store(da_ptr + bh * n_chunks + c, tl.sum(tl.sum(acc_a, axis=1), axis=0))
         tl.store(dqq_ptr + bh * n_chunks + c, tl.sum(tl.sum(acc_q, axis=1), axis=0))
         tl.debug_barrier()
+    if NORM:
+        _add_row(dlw_ptr, dlw, bh, rd, md, D)
+        _add_row(dlb_ptr, dlb, bh, rd, md, D)

@@ -27,6 +27,13 @@ independent, so the state tile stays in registers for the whole sequence. Depth 
 (f(k) = k + gelu(k W1) W2): a program owns one bh; the hidden units are walked in tiles
 of BLOCK_J twice per chunk (prediction error first, then the update tile by tile) with
 the state kept in the global W/S buffers.
+
+The normalised residual memory (NORM, DESIGN.md section 3): f(k) = k + w LN(g(k)) + b with
+g the linear map or the MLP without its skip, w, b = ln_weight, ln_bias [BH, d] (fp32). LN
+couples the d outputs of a row, so a depth-1 program then owns every output column (one
+tile, BLOCK_OUT >= D_OUT); depth 2 already sums the full row of g over its hidden tiles
+before using it. The per-token error factor d l_t / d g becomes the LN backward of
+w (f(k) - v) (ops/mlp.py mlp_grad_factors), the retrieval q + w LN(g(q)) + b.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import triton.language as tl
 
 _INV_SQRT2 = tl.constexpr(0.7071067811865476)
 _INV_SQRT2PI = tl.constexpr(0.3989422804014327)
+LN_EPS = tl.constexpr(1e-5)
 
 
 @triton.jit
@@ -67,6 +75,47 @@ def gelu_grad2(h):
 
 
 @triton.jit
+def layer_norm(g, mcol, D: tl.constexpr):
+    """LN over the D valid columns of each row of g (its padding columns hold 0), no affine:
+    (LN(g), 1/sqrt(var + eps) [rows, 1]); 0 in the padding."""
+    mean = tl.sum(g, axis=1)[:, None] / D
+    centred = tl.where(mcol[None, :], g - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1)[:, None] / D + LN_EPS)
+    return centred * rstd, rstd
+
+
+@triton.jit
+def layer_norm_backward(x, normed, rstd, mcol, D: tl.constexpr):
+    """d/dg <x, LN(g)> = rstd (x - mean(x) - LN(g) mean(x LN(g))) per row (ops/mlp.py)."""
+    mean = tl.sum(x, axis=1)[:, None] / D
+    mean_xn = tl.sum(x * normed, axis=1)[:, None] / D
+    return tl.where(mcol[None, :], rstd * (x - mean - normed * mean_xn), 0.0)
+
+
+@triton.jit
+def norm_read(q, g, lw, lb, mcol, D: tl.constexpr):
+    """The normalised memory's retrieval q + w LN(g(q)) + b (lw, lb: [1, cols])."""
+    return q + lw * layer_norm(g, mcol, D)[0] + lb
+
+
+@triton.jit
+def norm_error(g, k, v, lw, lb, mcol, D: tl.constexpr):
+    """d l_t / d g at g = g(k) for f(k) = k + w LN(g) + b: the LN backward of w a, a = f(k) - v.
+    Returns (that error, LN(g), rstd, a); the backward kernels need all four."""
+    normed, rstd = layer_norm(g, mcol, D)
+    a = k + lw * normed + lb - v
+    return layer_norm_backward(lw * a, normed, rstd, mcol, D), normed, rstd, a
+
+
+@triton.jit
+def load_norm(lw_ptr, lb_ptr, bh, rcol, mcol, D: tl.constexpr):
+    """ln_weight, ln_bias rows of this (batch, head) as [1, cols] (0 in the padding)."""
+    lw = tl.load(lw_ptr + bh * D + rcol, mask=mcol, other=0.0)[None, :]
+    lb = tl.load(lb_ptr + bh * D + rcol, mask=mcol, other=0.0)[None, :]
+    return lw, lb
+
+
+@triton.jit
 def load_rows(ptr, bh, T, tok, rcol, mrow, mcol, WIDTH: tl.constexpr):
     """A [rows, cols] tile of a [BH, T, WIDTH] tensor, cast to fp32 (0 outside the masks)."""
     off = (bh * T + tok)[:, None] * WIDTH + rcol[None, :]
@@ -76,11 +125,11 @@ def load_rows(ptr, bh, T, tok, rcol, mrow, mcol, WIDTH: tl.constexpr):
 @triton.jit
 def _fwd_linear(
     q_ptr, k_ptr, v_ptr, cs_ptr, cw_ptr, p_ptr, a_ptr, qq_ptr,
-    y_ptr, w_ptr, s_ptr, sw_ptr, ss_ptr,
+    y_ptr, w_ptr, s_ptr, sw_ptr, ss_ptr, lw_ptr, lb_ptr,
     n_chunks, tok_chunk0, n_tok_chunks, save_stride, n_slots,
     C: tl.constexpr, D_IN: tl.constexpr, D_OUT: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_IN: tl.constexpr, BLOCK_OUT: tl.constexpr,
-    WRITE_Y: tl.constexpr, PRECISION: tl.constexpr,
+    WRITE_Y: tl.constexpr, NORM: tl.constexpr, PRECISION: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)
     rc = tl.arange(0, BLOCK_C)
@@ -88,6 +137,9 @@ def _fwd_linear(
     ro = tl.program_id(1) * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
     mc, mi, mo = rc < C, ri < D_IN, ro < D_OUT
     T = n_tok_chunks * C
+    if NORM:        # LN couples a row's outputs: one tile holds them all (and f adds k: d_in = d_out)
+        tl.static_assert(BLOCK_OUT == BLOCK_IN)
+        lw, lb = load_norm(lw_ptr, lb_ptr, bh, ro, mo, D_OUT)
     m_w = mi[:, None] & mo[None, :]
     w_off = ri[:, None] * D_OUT + ro[None, :]
     W = tl.load(w_ptr + bh * D_IN * D_OUT + w_off, mask=m_w, other=0.0)
@@ -103,6 +155,8 @@ def _fwd_linear(
         if WRITE_Y:
             q = load_rows(q_ptr, bh, T, tok, ri, mc, mi, D_IN)
             y = tl.dot(q, W, input_precision=PRECISION)
+            if NORM:
+                y = norm_read(q, y, lw, lb, mo, D_OUT)
             tl.store(y_ptr + (bh * T + tok)[:, None] * D_OUT + ro[None, :], y, mask=mc[:, None] & mo[None, :])
         cidx = bh * n_chunks * C + c * C + rc
         cs = tl.load(cs_ptr + cidx, mask=mc, other=0.0)
@@ -110,7 +164,10 @@ def _fwd_linear(
         P = tl.load(p_ptr + bh * n_chunks + c)
         A = tl.load(a_ptr + bh * n_chunks + c)
         Q = tl.load(qq_ptr + bh * n_chunks + c)
-        err = tl.dot(k, W, input_precision=PRECISION) - v          # grad of l_t w.r.t. f
+        if NORM:
+            err = norm_error(tl.dot(k, W, input_precision=PRECISION), k, v, lw, lb, mo, D_OUT)[0]
+        else:
+            err = tl.dot(k, W, input_precision=PRECISION) - v      # grad of l_t w.r.t. f
         kt = tl.trans(k)
         W_new = A * W + Q * S + tl.dot(kt, cw[:, None] * err, input_precision=PRECISION)
         S = P * S + tl.dot(kt, cs[:, None] * err, input_precision=PRECISION)
@@ -122,11 +179,11 @@ def _fwd_linear(
 @triton.jit
 def _fwd_mlp2(
     q_ptr, k_ptr, v_ptr, cs_ptr, cw_ptr, p_ptr, a_ptr, qq_ptr,
-    y_ptr, w1_ptr, w2_ptr, s1_ptr, s2_ptr, sw1_ptr, sw2_ptr, ss1_ptr, ss2_ptr,
+    y_ptr, w1_ptr, w2_ptr, s1_ptr, s2_ptr, sw1_ptr, sw2_ptr, ss1_ptr, ss2_ptr, lw_ptr, lb_ptr,
     n_chunks, tok_chunk0, n_tok_chunks, save_stride, n_slots,
     C: tl.constexpr, D: tl.constexpr, HID: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr,
-    WRITE_Y: tl.constexpr, PRECISION: tl.constexpr,
+    WRITE_Y: tl.constexpr, NORM: tl.constexpr, PRECISION: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)
     rc = tl.arange(0, BLOCK_C)
@@ -135,6 +192,8 @@ def _fwd_mlp2(
     T = n_tok_chunks * C
     m_x = mc[:, None] & md[None, :]
     W_SIZE = D * HID
+    if NORM:
+        lw, lb = load_norm(lw_ptr, lb_ptr, bh, rd, md, D)
     for c in range(n_chunks):
         tok = (tok_chunk0 + c) * C + rc
         k = load_rows(k_ptr, bh, T, tok, rd, mc, md, D)
@@ -143,7 +202,7 @@ def _fwd_mlp2(
         pred = tl.zeros((BLOCK_C, BLOCK_D), dtype=tl.float32)
         if WRITE_Y:
             q = load_rows(q_ptr, bh, T, tok, rd, mc, md, D)
-            y = q
+            y = tl.zeros((BLOCK_C, BLOCK_D), dtype=tl.float32)           # g(q)
         for j0 in range(0, HID, BLOCK_J):
             m1, m2, o1, o2 = hidden_tile(j0, rd, md, HID, D, BLOCK_J)
             off1 = bh * W_SIZE + o1                                      # W1 [D, HID], this tile's columns
@@ -156,8 +215,15 @@ def _fwd_mlp2(
                 zq = gelu(tl.dot(q, W1, input_precision=PRECISION))
                 y += tl.dot(zq, W2, input_precision=PRECISION)
         if WRITE_Y:
+            if NORM:
+                y = norm_read(q, y, lw, lb, md, D)
+            else:
+                y = q + y
             tl.store(y_ptr + (bh * T + tok)[:, None] * D + rd[None, :], y, mask=m_x)
-        err = k + pred - v                                               # d l_t / d f (skip adds k)
+        if NORM:
+            err = norm_error(pred, k, v, lw, lb, md, D)[0]
+        else:
+            err = k + pred - v                                           # d l_t / d f (skip adds k)
         cidx = bh * n_chunks * C + c * C + rc
         cs = tl.load(cs_ptr + cidx, mask=mc, other=0.0)[:, None]
         cw = tl.load(cw_ptr + cidx, mask=mc, other=0.0)[:, None]

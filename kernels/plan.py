@@ -26,6 +26,7 @@ class Shape:
     hidden: int            # depth 2: E * d; depth 1: d_out
     chunk: int
     dtype: str             # q, k, v as given: fp32 | bf16 | fp16
+    norm: bool = False     # the normalised memory k + w LN(g(k)) + b (ln_weight, ln_bias)
 
     @property
     def precision(self) -> str:
@@ -56,7 +57,11 @@ def kernel(shape: Shape, kind: str):
 
 def candidates(shape: Shape) -> list[Tiles]:
     """Tilings in order of preference: wide tiles first (fewer passes over the chunk), then
-    fewer pipeline stages (each stage buffers the next weight tiles in shared memory)."""
+    fewer pipeline stages (each stage buffers the next weight tiles in shared memory). The
+    normalised depth-1 memory has one: its LN needs every output column in one program."""
+    if shape.depth == 1 and shape.norm:
+        width = p2(shape.d_out)
+        return [Tiles(width, 4 if width <= 64 else 8, stages) for stages in (2, 1)]
     widest = min(64, p2(shape.hidden))
     warps = 4 if shape.depth == 1 else 8
     return [Tiles(bj, warps, stages) for bj in (64, 32, 16) if bj <= widest for stages in (2, 1)]
@@ -76,7 +81,7 @@ def constexprs(shape: Shape, kind: str, tiles: Tiles, write_y: bool = True) -> d
         dims = dict(C=shape.chunk, D=shape.d_in, HID=shape.hidden)
         blocks.update(BLOCK_D=p2(shape.d_in), BLOCK_J=tiles.block_j)
     extra = dict(WRITE_Y=write_y) if kind == "fwd" else {}
-    return dict(**dims, **blocks, **extra, PRECISION=shape.precision)
+    return dict(**dims, **blocks, **extra, NORM=shape.norm, PRECISION=shape.precision)
 
 
 def pointer_dtypes(shape: Shape) -> dict:

@@ -27,7 +27,7 @@ def memory_shape(cfg):
     d = m.mem_head_dim
     hidden = m.mem_expansion * d if m.mem_depth >= 2 else d
     dtype = "fp32" if cfg.train.precision == "fp32" else "bf16"   # bf16 and fp8 runs autocast to bf16
-    return Shape(m.mem_depth, d, d, hidden, m.chunk_size, dtype)
+    return Shape(m.mem_depth, d, d, hidden, m.chunk_size, dtype, m.mem_norm)
 
 
 def report(shape, arch: int, recompute: bool, programs: int) -> tuple[list[str], bool]:

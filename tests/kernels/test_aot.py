@@ -25,15 +25,23 @@ FULL = [(arch, (depth, d, E, C, dt))
         for arch, depth, d, E, C, dt in product((90, 80), (1, 2), (16, 64, 128, 256), (1, 4), (8, 64, 128),
                                                 ("fp32", "bf16"))
         if depth == 2 or E == 1]
+# The normalised memory (a sixth field, the kernels' NORM): the same tiles fit at depth 2; depth 1
+# plans one output tile per row (its LN couples the columns), which at d 128 no longer fits sm_90
+# (294,912 B for the backward) and falls back.
+NORM = [(90, (2, 64, 4, 64, "fp32", True)), (90, (2, 128, 4, 64, "fp32", True)), (90, (2, 64, 4, 64, "bf16", True)),
+        (90, (1, 64, 1, 64, "fp32", True)), (90, (1, 128, 1, 64, "fp32", True)), (80, (2, 64, 4, 64, "fp32", True))]
+NORM_MUST_FIT = [c for c in NORM if c[1][:2] != (1, 128)]
+NORM_FULL = [(arch, (depth, d, E, 64, "fp32", True))
+             for arch, depth, d, E in product((90, 80), (1, 2), (16, 64, 128, 256), (1, 4)) if depth == 2 or E == 1]
 
 _SCRIPT = """
 import json, sys
 from titans_scale.kernels import aot, plan
 out = []
-for arch, (depth, d, E, C, dt) in json.loads(sys.argv[1]):
-    shape = plan.Shape(depth, d, d, E * d if depth == 2 else d, C, dt)
+for arch, (depth, d, E, C, dt, *norm) in json.loads(sys.argv[1]):
+    shape = plan.Shape(depth, d, d, E * d if depth == 2 else d, C, dt, *norm)
     for c in plan.plan(shape, arch, recompute=True, compile=bool(int(sys.argv[2]))):
-        out.append(dict(arch=arch, shape=[depth, d, E, C, dt], name=c.name, ok=c.ok, tiles=str(c.tiles),
+        out.append(dict(arch=arch, shape=[depth, d, E, C, dt, *norm], name=c.name, ok=c.ok, tiles=str(c.tiles),
                         fits=c.tiles is not None, shared=c.shared, limit=aot.smem_limit(arch), reason=c.reason,
                         regs=c.resources.regs if c.resources else None))
 print(json.dumps(out))
@@ -74,9 +82,23 @@ def test_chosen_tiles_build_to_cubins():
     assert all(0 < r["regs"] <= 255 for r in rows)
 
 
+def test_normalised_kernels_fit_h100_and_a100():
+    rows = _plans(NORM)
+    assert len(rows) == 3 * len(NORM)
+    _check(rows, must_fit=NORM_MUST_FIT)
+
+
+def test_normalised_kernels_build_to_cubins():
+    cases = [(90, (2, 16, 2, 16, "fp32", True)), (80, (1, 16, 1, 16, "bf16", True))]
+    rows = _plans(cases, compile=True)
+    _check(rows, must_fit=cases)
+    assert all(0 < r["regs"] <= 255 for r in rows)
+
+
 @pytest.mark.slow
 def test_full_matrix_fits_or_falls_back():
     _check(_plans(FULL), must_fit=MUST_FIT)
+    _check(_plans(NORM_FULL), must_fit=[])
 
 
 def test_dispatcher_falls_back_once_with_a_reason():

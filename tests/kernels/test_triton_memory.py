@@ -36,8 +36,10 @@ def interpreter_and_poison(monkeypatch):
     monkeypatch.setattr(km, "POISON_OUTPUTS", True)
 
 
-def _inputs(depth, d, L, E=2, dtype=torch.float32, H=2):
-    q, k, v, th, et, al, init = make_inputs(B=1, H=H, L=L, d=d, depth=depth, expansion=E, dtype=torch.float32)
+def _inputs(depth, d, L, E=2, dtype=torch.float32, H=2, theta_scale=1.0, seed=None):
+    q, k, v, th, et, al, init = make_inputs(B=1, H=H, L=L, d=d, depth=depth, expansion=E, dtype=torch.float32,
+                                            seed=seed)
+    th = th * theta_scale
     acts = [x.to(DEVICE, dtype).requires_grad_(True) for x in (q, k, v, th, et, al)]
     return (*acts, [w.to(DEVICE).requires_grad_(True) for w in init])
 
@@ -48,28 +50,31 @@ def _as_float64(args):
             [w.detach().double().requires_grad_(True) for w in init])
 
 
-def _run(impl, args, C, probe, g=None, pieces=None):
+def _run(impl, args, C, probe, g=None, pieces=None, norm=()):
     """y, final state and the gradients of a loss on both w.r.t. every input.
-    pieces: cut points for streaming the sequence through several calls."""
+    pieces: cut points for streaming the sequence through several calls; norm: (ln_weight,
+    ln_bias) for the normalised memory, whose gradients come last."""
     L = args[0].shape[2]
     state, ys = args[6], []
     bounds = [0, *(pieces or []), L]
+    ln = dict(zip(("ln_weight", "ln_bias"), norm))
     for a, b in zip(bounds[:-1], bounds[1:]):
         y, state = memory_scan(*(x[:, :, a:b] for x in args[:6]), state, chunk_size=C, impl=impl,
-                               recompute_group=g)
+                               recompute_group=g, **ln)
         ys.append(y)
     y = torch.cat(ys, dim=2)
     p_y, p_w = probe
     loss = (y.to(p_y.dtype) * p_y.to(y.device)).sum()
     loss = loss + sum((w * pw.to(w)).sum() for w, pw in zip(state.weights + state.chunk_start, p_w * 2))
     loss = loss + sum((m * m).sum() for m in state.momentum)
-    flat = [*args[:6], *args[6]]
+    flat = [*args[:6], *args[6], *norm]
     return y, state, torch.autograd.grad(loss, flat)
 
 
-def _probe(args):
-    return (torch.randn(args[0].shape[:3] + (args[2].shape[-1],), dtype=torch.float64),
-            [torch.randn(w.shape, dtype=torch.float64) for w in args[6]])
+def _probe(args, seed=None):
+    g = torch.Generator().manual_seed(seed) if seed is not None else None
+    return (torch.randn(args[0].shape[:3] + (args[2].shape[-1],), dtype=torch.float64, generator=g),
+            [torch.randn(w.shape, dtype=torch.float64, generator=g) for w in args[6]])
 
 
 def _assert_close(got, want, tol, what):
@@ -82,6 +87,7 @@ def _assert_close(got, want, tol, what):
             assert rel_err(a.double().cpu(), b.double().cpu()) < tol, f"{what}: state {name}"
     assert s.position == s_ref.position
     names = ["q", "k", "v", "theta", "eta", "alpha"] + [f"W{i}" for i in range(len(s.weights))]
+    names += ["ln_weight", "ln_bias"]
     for name, a, b in zip(names, grads, grads_ref):
         assert not torch.isnan(a).any(), f"{what}: grad {name} has unwritten (NaN) elements"
         assert rel_err(a.double().cpu(), b.double().cpu()) < tol, f"{what}: grad {name}"
@@ -123,6 +129,79 @@ def test_every_tiling_equals_chunked_and_reference(depth, d, E, block_j, monkeyp
     _assert_close(got, _run("naive", _as_float64(args), 8, probe), 1e-5, f"BLOCK_J={block_j} vs float64 reference")
 
 
+def _norm(H, d, dtype=torch.float32):
+    """ln_weight, ln_bias [H, d] away from their init (1, 0), so every term of f shows."""
+    g = torch.Generator().manual_seed(0)
+    w = 1.0 + 0.3 * torch.randn(H, d, generator=g)
+    b = 0.2 * torch.randn(H, d, generator=g)
+    return [p.to(DEVICE, dtype).requires_grad_(True) for p in (w, b)]
+
+
+def _norm64(norm):
+    return [p.detach().double().requires_grad_(True) for p in norm]
+
+
+# depth, d (24: LN over 24 of a 32-wide tile), chunk size, L (partial chunk at the end), expansion, heads.
+# Inner steps up to 0.15 (theta_scale 0.25), as tests/ops/test_memory_norm.py: LN makes the inner
+# loop chaotic at larger steps, so the float64 reference itself moves by more than fp32 rounding.
+# Fixed inputs: fp32 rounding alone reaches 1e-5 to 3e-5 of the reference on most draws, but a
+# row of g with a small spread amplifies it (one draw at d 24, L 37: 3.4e-4 for impl="chunked",
+# 1.8e-4 for the kernels).
+NORM_CASES = [(1, 16, 8, 21, 1, 2), (1, 24, 8, 21, 1, 1), (2, 16, 8, 21, 2, 2), (2, 24, 8, 37, 2, 1)]
+NORM_SLOW = [(1, 64, 16, 45, 1, 2), (2, 64, 64, 137, 2, 1)]
+
+
+@pytest.mark.parametrize("depth,d,C,L,E,H",
+                         NORM_CASES + [pytest.param(*c, marks=pytest.mark.slow) for c in NORM_SLOW])
+def test_normalised_memory_equals_reference(depth, d, C, L, E, H):
+    """f(k) = k + ln_weight LN(g(k)) + ln_bias: values, final state and every gradient
+    (ln_weight and ln_bias included) against the float64 per-token reference."""
+    args = _inputs(depth, d, L, E, H=H, theta_scale=0.25, seed=1)
+    norm = _norm(H, d)
+    probe = _probe(args, seed=0)
+    got = _run("triton", args, C, probe, norm=norm)
+    _assert_close(got, _run("naive", _as_float64(args), C, probe, norm=_norm64(norm)), 1e-4, "norm vs float64")
+
+
+@pytest.mark.parametrize("block_j", [16, 32, 64])
+def test_normalised_memory_every_hidden_tile(block_j, monkeypatch):
+    """Depth 2 sums g over hidden tiles before its LN: every BLOCK_J, partial tiles, recompute."""
+    monkeypatch.setattr(km, "TILES", plan.Tiles(block_j, num_warps=4, num_stages=1))
+    args = _inputs(2, 16, 21, 3, H=1, theta_scale=0.25, seed=1)
+    norm = _norm(1, 16)
+    probe = _probe(args, seed=0)
+    got = _run("triton", args, 8, probe, g=2, norm=norm)
+    _assert_close(got, _run("naive", _as_float64(args), 8, probe, norm=_norm64(norm)), 1e-4, f"BLOCK_J={block_j}")
+
+
+def test_normalised_depth1_plans_one_output_tile():
+    """LN couples a row's outputs, so the depth-1 kernels get every column in one program."""
+    for d in (16, 48, 128):
+        shape = plan.Shape(1, d, d, d, 8, "fp32", norm=True)
+        assert {t.block_j for t in plan.candidates(shape)} == {plan.p2(d)}
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_normalised_memory_streamed(depth):
+    """Cut mid-chunk, with recompute: the same as one call of the chunked path."""
+    args = _inputs(depth, 16, 45, E=2, theta_scale=0.25, seed=2)
+    norm = _norm(2, 16)
+    probe = _probe(args, seed=0)
+    whole = _run("chunked", args, 8, probe, norm=norm)
+    _assert_close(_run("triton", args, 8, probe, g=2, pieces=[5, 29, 30], norm=norm), whole, 1e-4, "streamed")
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_normalised_memory_bf16_inputs(depth):
+    """bf16 q, k, v with fp32 ln_weight/ln_bias (the kernels keep the norm and the state in fp32)."""
+    args = _inputs(depth, 32, 45, dtype=torch.bfloat16, H=1, theta_scale=0.25, seed=1)
+    norm = _norm(1, 32)
+    probe = _probe(args, seed=0)
+    got = _run("triton", args, 16, probe, norm=norm)
+    assert got[0].dtype == torch.bfloat16 and got[2][-1].dtype == torch.float32
+    _assert_close(got, _run("naive", _as_float64(args), 16, probe, norm=_norm64(norm)), 1e-2, "bf16 norm")
+
+
 @pytest.mark.parametrize("depth", [1, 2])
 def test_bf16_inputs_equal_reference(depth):
     args = _inputs(depth, 32, 45, dtype=torch.bfloat16, H=1)
@@ -159,7 +238,7 @@ def test_triton_refuses_what_it_cannot_run():
     with pytest.raises(MemoryArgumentError, match="float64"):
         memory_scan(q, k, v, th, et, al, [torch.zeros(1, 1, 8, 8, dtype=torch.float64)], impl="triton")
     state = MemoryState.fresh([w.float() for w in init], 64)
-    assert _resolve("auto", q.float(), state) == "chunked"          # CPU tensors: never triton by default
+    assert _resolve("auto", q.float(), state, None) == "chunked"          # CPU tensors: never triton by default
 
 
 _NO_TRITON_SCRIPT = """

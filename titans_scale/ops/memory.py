@@ -65,7 +65,7 @@ def _load_triton() -> str | None:
         from .triton_scan import triton_scan, unsupported
     except ImportError as e:
         return f"impl='triton' is unavailable: {e}; install triton or use impl='chunked'"
-    register_impl("triton", triton_scan, native_dtype=True, unsupported=unsupported)
+    register_impl("triton", triton_scan, native_dtype=True, unsupported=unsupported, norm=True)
     return None
 
 

@@ -12,6 +12,10 @@ shared memory (compiled ahead of time for its architecture, once per shape and p
 where none fits, unsupported() says why (logged once), so impl="auto" runs "fused" and
 impl="triton" raises instead of launching a kernel the GPU refuses.
 
+The normalised memory (norm = (ln_weight, ln_bias), DESIGN.md section 3) is the kernels'
+NORM variant: ln_weight/ln_bias go in per (batch, head) [BH, d] as the ScanBackend protocol
+hands them, their gradients are added into dnorm by the backward kernel.
+
 Precision: state and accumulation are fp32; inputs may be fp32, bf16 or fp16 (cast to
 fp32 on load). With fp32 inputs the kernels' dots run in IEEE fp32; with 16-bit inputs in
 TF32 on tensor cores.
@@ -31,7 +35,7 @@ from titans_scale.kernels.memory_fwd import _fwd_linear, _fwd_mlp2
 from titans_scale.kernels.plan import Shape, Tiles
 
 from .scan_function import ScanConfig, scan_with_backend
-from .state import MemoryState
+from .state import MemoryArgumentError, MemoryState
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +61,11 @@ class KernelConfig(ScanConfig):
     fwd: Tiles
     fwd_recompute: Tiles   # the forward without reads (recompute in backward)
     bwd: Tiles
+    norm: bool             # the normalised memory (the kernels' NORM)
 
     @property
     def shape(self) -> Shape:
-        return Shape(self.depth, self.d_in, self.d_out, self.hidden, self.chunk_size, self.dtype)
+        return Shape(self.depth, self.d_in, self.d_out, self.hidden, self.chunk_size, self.dtype, self.norm)
 
     def launch(self, kind: str, write_y: bool = True) -> dict:
         """The launch's constexprs and compile options."""
@@ -79,33 +84,49 @@ class TritonBackend:
         return torch.empty(shape, device=device, dtype=dtype)
 
     @staticmethod
-    def forward(cfg, q, k, v, coefs, ws, ss, saved_w, saved_s, y=None, tok_chunk0=0):
+    def forward(cfg, q, k, v, coefs, ws, ss, saved_w, saved_s, y=None, tok_chunk0=0, norm=None):
         cs, cw, P, A, Q = coefs
         BH, n = P.shape
         args = dict(n_chunks=n, tok_chunk0=tok_chunk0, n_tok_chunks=q.shape[1] // cfg.chunk_size,
                     save_stride=cfg.save_stride, n_slots=saved_w[0].shape[1], **cfg.launch("fwd", y is not None))
         y_arg = y if y is not None else q   # never written when WRITE_Y is False
+        ln = _norm_args(cfg, norm, q)
         if cfg.depth == 1:
             grid = (BH, triton.cdiv(cfg.d_out, args["BLOCK_OUT"]))
-            _fwd_linear[grid](q, k, v, cs, cw, P, A, Q, y_arg, ws[0], ss[0], saved_w[0], saved_s[0], **args)
+            _fwd_linear[grid](q, k, v, cs, cw, P, A, Q, y_arg, ws[0], ss[0], saved_w[0], saved_s[0], *ln, **args)
         else:
-            _fwd_mlp2[(BH,)](q, k, v, cs, cw, P, A, Q, y_arg, *ws, *ss, *saved_w, *saved_s, **args)
+            _fwd_mlp2[(BH,)](q, k, v, cs, cw, P, A, Q, y_arg, *ws, *ss, *saved_w, *saved_s, *ln, **args)
 
     @staticmethod
-    def backward(cfg, q, k, v, dy, coefs, states_w, states_s, slot0, dws, dss, dq, dk, dv, tok_chunk0):
+    def backward(cfg, q, k, v, dy, coefs, states_w, states_s, slot0, dws, dss, dq, dk, dv, tok_chunk0,
+                 norm=None, dnorm=None):
         cs, cw, P, A, Q = coefs
         BH, n = P.shape
         dcoefs = [TritonBackend.new(t.shape, t.device) for t in coefs]
         args = dict(n_chunks=n, tok_chunk0=tok_chunk0, n_tok_chunks=q.shape[1] // cfg.chunk_size,
                     slot0=slot0, n_slots=states_w[0].shape[1], **cfg.launch("bwd"))
         plan.kernel(cfg.shape, "bwd")[(BH,)](q, k, v, dy, cs, cw, P, A, Q, *states_w, *states_s, *dws, *dss,
-                                             dq, dk, dv, *dcoefs, **args)
+                                             *_norm_args(cfg, norm, q), dq, dk, dv, *dcoefs,
+                                             *_norm_args(cfg, dnorm, q, into=True), **args)
         return dcoefs
 
 
-def _shape(q: torch.Tensor, state: MemoryState) -> Shape:
+def _norm_args(cfg: KernelConfig, pair, placeholder, into: bool = False) -> tuple:
+    """The kernels' (ln_weight, ln_bias) pointers, [BH, d] fp32, or with into=True the
+    (d ln_weight, d ln_bias) buffers the backward adds into in place; a placeholder pair
+    (never read) for the plain memory."""
+    if not cfg.norm:
+        return placeholder, placeholder
+    assert all(p.dtype == torch.float32 for p in pair), "the kernels take the norm's tensors in fp32"
+    if into:
+        assert all(p.is_contiguous() for p in pair), "dnorm buffers are written in place: contiguous"
+        return tuple(pair)
+    return tuple(p.contiguous() for p in pair)
+
+
+def _shape(q: torch.Tensor, state: MemoryState, norm: bool = False) -> Shape:
     w = state.weights
-    return Shape(state.depth, q.shape[-1], w[-1].shape[-1], w[0].shape[-1], state.chunk_size, _DTYPES[q.dtype])
+    return Shape(state.depth, q.shape[-1], w[-1].shape[-1], w[0].shape[-1], state.chunk_size, _DTYPES[q.dtype], norm)
 
 
 def _arch(device: torch.device) -> int:
@@ -147,18 +168,22 @@ def unsupported(q: torch.Tensor, state: MemoryState) -> str | None:
     return None
 
 
-def kernel_config(q, v, state: MemoryState, recompute_group) -> KernelConfig:
+def kernel_config(q, v, state: MemoryState, recompute_group, norm: bool = False) -> KernelConfig:
     base = ScanConfig.of(q, v, state, recompute_group)
-    shape = _shape(q, state)
+    shape = _shape(q, state, norm)
     if q.is_cuda:
-        tiles = _device_plan(shape, _arch(q.device))[0]
+        tiles, reason = _device_plan(shape, _arch(q.device))
+        if reason is not None:   # unsupported() checked the plain memory; the normalised one may not fit
+            raise MemoryArgumentError(f"{reason}; use impl='fused'")
     else:
         tiles = dict.fromkeys(("fwd", "fwd_recompute", "bwd"), TILES or plan.default_tiles(shape))
-    return KernelConfig(**asdict(base), dtype=shape.dtype, **tiles)
+    return KernelConfig(**asdict(base), dtype=shape.dtype, norm=norm, **tiles)
 
 
-def triton_scan(q, k, v, theta, eta, alpha, state: MemoryState, recompute_group: int | None = None):
-    """The registered impl: PyTorch for partial chunks at either end, kernels in between."""
-    cfg = kernel_config(q, v, state, recompute_group)
-    return scan_with_backend(TritonBackend, cfg, q, k, v, theta, eta, alpha, state)
+def triton_scan(q, k, v, theta, eta, alpha, state: MemoryState, recompute_group: int | None = None, norm=None):
+    """The registered impl: PyTorch for partial chunks at either end, kernels in between.
+    norm: (ln_weight, ln_bias) [H, d], or None for the plain memory."""
+    cfg = kernel_config(q, v, state, recompute_group, norm is not None)
+    extra = {} if norm is None else {"norm": tuple(p.to(state.weights[0].dtype) for p in norm)}
+    return scan_with_backend(TritonBackend, cfg, q, k, v, theta, eta, alpha, state, **extra)
 
