@@ -66,6 +66,22 @@ def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
+# -- packed rows (ops/varlen.py) ------------------------------------------------------------------
+
+def cu_seqlens_of(lengths: list[list[int]]) -> torch.Tensor:
+    """int32 document starts into the flattened batch, from per-row document lengths."""
+    return torch.tensor([0] + [n for row in lengths for n in row]).cumsum(0).to(torch.int32)
+
+
+def documents_of(lengths: list[list[int]]) -> list[tuple[int, int, int]]:
+    """(row, start, end) of every document, offsets within its row."""
+    out = []
+    for r, row in enumerate(lengths):
+        ends = torch.tensor(row).cumsum(0).tolist()
+        out += [(r, e - n, e) for n, e in zip(row, ends)]
+    return out
+
+
 # -- run configs ----------------------------------------------------------------------------------
 
 # The micro run: trains in seconds on 2 cores. Every end-to-end test starts from it and changes

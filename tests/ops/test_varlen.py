@@ -7,8 +7,8 @@ import torch
 
 from titans_scale.ops.memory import MemoryArgumentError, memory_scan
 from titans_scale.ops.state import MemoryState
-from titans_scale.ops.varlen import Documents, PackedBatchError
-from tests.helpers import make_inputs, rel_err
+from titans_scale.ops.varlen import DocumentLayout, PackedBatchError
+from tests.helpers import cu_seqlens_of, documents_of, make_inputs, rel_err
 
 C = 8
 # Two rows of 37 tokens; no length a multiple of C, one (5) and another (7) shorter than a chunk.
@@ -17,19 +17,7 @@ L = 37
 
 
 def cu_seqlens(lengths=DOC_LENGTHS) -> torch.Tensor:
-    flat = [n for row in lengths for n in row]
-    return torch.tensor([0] + flat, dtype=torch.int32).cumsum(0).to(torch.int32)
-
-
-def documents(lengths=DOC_LENGTHS):
-    """(row, start, end) of every document, row-local offsets."""
-    out = []
-    for r, row in enumerate(lengths):
-        a = 0
-        for n in row:
-            out.append((r, a, a + n))
-            a += n
-    return out
+    return cu_seqlens_of(lengths)
 
 
 def run_packed(args, impl, **kw):
@@ -41,7 +29,7 @@ def run_alone(args, impl, **kw):
     """Each document through its own call (the definition), re-assembled into the packed layout."""
     *seq, init = args
     rows = [[] for _ in DOC_LENGTHS]
-    for r, a, b in documents():
+    for r, a, b in documents_of(DOC_LENGTHS):
         y, _ = memory_scan(*(t[r:r + 1, :, a:b] for t in seq), [w[r:r + 1] for w in init], chunk_size=C,
                            impl=impl, **kw)
         rows[r].append(y)
@@ -84,13 +72,14 @@ def test_one_bucket_layout_equals_buckets():
     same tokens come back, and pow2 buckets pad less when one document is long."""
     x = torch.randn(2, L, 3, dtype=torch.float64)
     for buckets in ("pow2", "one"):
-        docs = Documents(cu_seqlens(), 2, L, buckets=buckets)
+        docs = DocumentLayout(cu_seqlens(), 2, L, buckets=buckets)
         parts = docs.split(x, 1)
         assert torch.equal(docs.merge(parts, 1), x)
         for bucket, part in zip(docs.buckets, parts):                   # document rows start at 0
             assert torch.equal(part[:, 0], x.flatten(0, 1)[bucket.index[:, 0]])
     long = [[100] + [4] * 7, [128]]
-    assert Documents(cu_seqlens(long), 2, 128).padded_tokens < Documents(cu_seqlens(long), 2, 128, "one").padded_tokens
+    padded = {b: DocumentLayout(cu_seqlens(long), 2, 128, b).padded_tokens for b in ("pow2", "one")}
+    assert padded["pow2"] < padded["one"] == 9 * 128
 
 
 def test_packed_refusals():

@@ -38,7 +38,7 @@ from .fused import unsupported as fused_unsupported
 from .naive import naive_scan
 from .recompute import check_recompute_group
 from .state import MemoryArgumentError, MemoryState, check_norm_args, check_scan_args, state_dtype
-from .varlen import Documents
+from .varlen import DocumentLayout
 
 IMPLS = ("auto", "naive", "chunked", "fused", "triton")
 
@@ -130,7 +130,7 @@ def _scan_documents(q, k, v, theta, eta, alpha, init, cu_seqlens, **kw) -> torch
     if isinstance(init, MemoryState):
         raise MemoryArgumentError("cu_seqlens starts every document from W^0: pass init as the [B, H, in, out] "
                                   "weights, not a carried MemoryState (packed rows do not stream)")
-    docs = Documents(cu_seqlens, q.shape[0], q.shape[2])
+    docs = DocumentLayout(cu_seqlens, q.shape[0], q.shape[2])
     per_bucket = zip(*(docs.split(t, 2) for t in (q, k, v, theta, eta, alpha)))
     ys = [memory_scan(*inputs, [w.index_select(0, bucket.rows) for w in init], **kw)[0]
           for bucket, inputs in zip(docs.buckets, per_bucket)]

@@ -2,7 +2,7 @@
 
 A packed batch is B rows of L tokens holding several documents each; `cu_seqlens` (as fla
 takes it) is the int32 1-D tensor of document start offsets into the flattened B*L stream,
-from 0 to B*L, every row start r*L among them. `Documents` moves a packed tensor's tokens
+from 0 to B*L, every row start r*L among them. `DocumentLayout` moves a packed tensor's tokens
 into per-document rows (each starting at position 0, padded after its end) and back, so the
 memory op and every mixer run unchanged on documents: each starts from W^0 with zero
 momentum, its own chunk and segment grids, its own positions, a fresh conv window and
@@ -53,8 +53,8 @@ class _Bucket:
     rows: torch.Tensor       # [n] the packed row each document sits in
 
 
-class Documents:
-    """The per-document layout of one packed batch (built once per batch, shared by every layer).
+class DocumentLayout:
+    """The per-document layout of one packed [B, L] batch.
 
     split(x, dim) -> one [n_b, ..., T_b, ...] tensor per bucket (documents along dim 0, their
     tokens along `dim`); merge(parts, dim) puts them back as x was laid out; map(fn, x, dim)
@@ -109,4 +109,24 @@ class Documents:
         return self.merge([fn(p) for p in self.split(x, dim)], dim)
 
 
-__all__ = ["Documents", "PackedBatchError", "check_cu_seqlens"]
+class Documents:
+    """cu_seqlens of one packed batch, its DocumentLayout built once per (B, L) it is used at
+    (every layer of a model shares it: one host sync per batch). The shape comes from the
+    tensors, which may be batch-first or, in a pipeline stage, sequence-first."""
+
+    def __init__(self, cu_seqlens: torch.Tensor, buckets: Literal["pow2", "one"] = "pow2"):
+        self.cu_seqlens, self.buckets = cu_seqlens, buckets
+        self._layout: DocumentLayout | None = None
+
+    def layout(self, batch: int, length: int) -> DocumentLayout:
+        lay = self._layout
+        if lay is None or (lay.batch, lay.length) != (batch, length):
+            lay = self._layout = DocumentLayout(self.cu_seqlens, batch, length, self.buckets)
+        return lay
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """fn on x's documents (x: [B, ..., L at dim, ...]), each a row of its own from position 0."""
+        return self.layout(x.shape[0], x.shape[dim]).map(fn, x, dim)
+
+
+__all__ = ["Documents", "DocumentLayout", "PackedBatchError", "check_cu_seqlens"]
