@@ -8,7 +8,7 @@ import torch
 from titans_scale.ops.memory import MemoryArgumentError, memory_scan
 from titans_scale.ops.state import MemoryState
 from titans_scale.ops.varlen import DocumentLayout, PackedBatchError
-from tests.helpers import cu_seqlens_of, documents_of, make_inputs, rel_err
+from tests.helpers import cu_seqlens_of, make_inputs, rel_err, scan_each_document
 
 C = 8
 # Two rows of 37 tokens; no length a multiple of C, one (5) and another (7) shorter than a chunk.
@@ -16,24 +16,14 @@ DOC_LENGTHS = [[5, 13, 19], [30, 7]]
 L = 37
 
 
-def cu_seqlens(lengths=DOC_LENGTHS) -> torch.Tensor:
-    return cu_seqlens_of(lengths)
-
-
 def run_packed(args, impl, **kw):
     *seq, init = args
-    return memory_scan(*seq, init, chunk_size=C, impl=impl, cu_seqlens=cu_seqlens(), **kw)
+    return memory_scan(*seq, init, chunk_size=C, impl=impl, cu_seqlens=cu_seqlens_of(DOC_LENGTHS), **kw)
 
 
 def run_alone(args, impl, **kw):
-    """Each document through its own call (the definition), re-assembled into the packed layout."""
-    *seq, init = args
-    rows = [[] for _ in DOC_LENGTHS]
-    for r, a, b in documents_of(DOC_LENGTHS):
-        y, _ = memory_scan(*(t[r:r + 1, :, a:b] for t in seq), [w[r:r + 1] for w in init], chunk_size=C,
-                           impl=impl, **kw)
-        rows[r].append(y)
-    return torch.cat([torch.cat(ys, 2) for ys in rows])
+    """Each document through its own call (the definition), laid out packed again."""
+    return scan_each_document(args, DOC_LENGTHS, impl, C, **kw)
 
 
 def grads_of(y, args, probe):
@@ -72,13 +62,13 @@ def test_one_bucket_layout_equals_buckets():
     same tokens come back, and pow2 buckets pad less when one document is long."""
     x = torch.randn(2, L, 3, dtype=torch.float64)
     for buckets in ("pow2", "one"):
-        docs = DocumentLayout(cu_seqlens(), 2, L, buckets=buckets)
+        docs = DocumentLayout(cu_seqlens_of(DOC_LENGTHS), 2, L, buckets=buckets)
         parts = docs.split(x, 1)
         assert torch.equal(docs.merge(parts, 1), x)
         for bucket, part in zip(docs.buckets, parts):                   # document rows start at 0
             assert torch.equal(part[:, 0], x.flatten(0, 1)[bucket.index[:, 0]])
     long = [[100] + [4] * 7, [128]]
-    padded = {b: DocumentLayout(cu_seqlens(long), 2, 128, b).padded_tokens for b in ("pow2", "one")}
+    padded = {b: DocumentLayout(cu_seqlens_of(long), 2, 128, b).padded_tokens for b in ("pow2", "one")}
     assert padded["pow2"] < padded["one"] == 9 * 128
 
 
@@ -86,7 +76,7 @@ def test_packed_refusals():
     args = make_inputs(B=2, H=2, L=L, d=8, depth=1, seed=5)
     *seq, init = args
     with pytest.raises(MemoryArgumentError, match="not a carried MemoryState"):
-        memory_scan(*seq, MemoryState.fresh(init, C), chunk_size=C, cu_seqlens=cu_seqlens())
+        memory_scan(*seq, MemoryState.fresh(init, C), chunk_size=C, cu_seqlens=cu_seqlens_of(DOC_LENGTHS))
     with pytest.raises(PackedBatchError, match="every row start"):
         memory_scan(*seq, init, chunk_size=C, cu_seqlens=torch.tensor([0, 40, 74], dtype=torch.int32))
     with pytest.raises(PackedBatchError, match="from 0 to B\\*L"):

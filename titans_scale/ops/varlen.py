@@ -53,6 +53,13 @@ class _Bucket:
     rows: torch.Tensor       # [n] the packed row each document sits in
 
 
+def row_slice(cu_seqlens: torch.Tensor, length: int, start: int, stop: int) -> torch.Tensor:
+    """cu_seqlens of rows [start, stop) of a packed batch of `length`-token rows (a data-parallel
+    rank's block, a micro-batch): row starts are document starts, so no document is cut."""
+    keep = (cu_seqlens >= start * length) & (cu_seqlens <= stop * length)
+    return cu_seqlens[keep] - start * length
+
+
 class DocumentLayout:
     """The per-document layout of one packed [B, L] batch.
 
@@ -129,4 +136,4 @@ class Documents:
         return self.layout(x.shape[0], x.shape[dim]).map(fn, x, dim)
 
 
-__all__ = ["Documents", "DocumentLayout", "PackedBatchError", "check_cu_seqlens"]
+__all__ = ["Documents", "DocumentLayout", "PackedBatchError", "check_cu_seqlens", "row_slice"]
