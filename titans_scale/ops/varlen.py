@@ -118,8 +118,9 @@ class DocumentLayout:
 
 class Documents:
     """cu_seqlens of one packed batch, its DocumentLayout built once per (B, L) it is used at
-    (every layer of a model shares it: one host sync per batch). The shape comes from the
-    tensors, which may be batch-first or, in a pipeline stage, sequence-first."""
+    (every layer of a model shares it: one host sync per batch). B and L are read off the
+    tensor mapped (the mixer's batch-first input), not the residual stream, which a pipeline
+    stage or sequence parallelism keeps sequence-first or split."""
 
     def __init__(self, cu_seqlens: torch.Tensor, buckets: Literal["pow2", "one"] = "pow2"):
         self.cu_seqlens, self.buckets = cu_seqlens, buckets
