@@ -27,7 +27,9 @@ from titans_scale.config import RunConfig
 from titans_scale.config_io import dump_toml
 from titans_scale.model import ModelConfig, TitansLM
 from titans_scale.train.checkpoint import CheckpointManager
-from titans_scale.train.evaluate import lm_loss
+from titans_scale.ops.memory import memory_scan
+from titans_scale.ops.varlen import row_slice
+from titans_scale.train.evaluate import forward_batch, lm_loss
 from titans_scale.train.metrics import read_metrics
 from titans_scale.train.optim import build_optimizer, build_scheduler, lr_lambda
 
@@ -64,6 +66,33 @@ def make_inputs(B=2, H=2, L=37, d=8, depth=2, expansion=2, dtype=torch.float64, 
 
 def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+# -- packed rows (ops/varlen.py) ------------------------------------------------------------------
+
+def cu_seqlens_of(lengths: list[list[int]]) -> torch.Tensor:
+    """int32 document starts into the flattened batch, from per-row document lengths."""
+    return torch.tensor([0] + [n for row in lengths for n in row]).cumsum(0).to(torch.int32)
+
+
+def documents_of(lengths: list[list[int]]) -> list[tuple[int, int, int]]:
+    """(row, start, end) of every document, offsets within its row."""
+    out = []
+    for r, row in enumerate(lengths):
+        ends = torch.tensor(row).cumsum(0).tolist()
+        out += [(r, e - n, e) for n, e in zip(row, ends)]
+    return out
+
+
+def scan_each_document(args, lengths: list[list[int]], impl: str, chunk_size: int, **kw) -> torch.Tensor:
+    """memory_scan of each document of packed rows through its own call, laid out packed again."""
+    *seq, init = args
+    rows = [[] for _ in lengths]
+    for r, a, b in documents_of(lengths):
+        y, _ = memory_scan(*(t[r:r + 1, :, a:b] for t in seq), [w[r:r + 1] for w in init], chunk_size=chunk_size,
+                           impl=impl, **kw)
+        rows[r].append(y)
+    return torch.cat([torch.cat(ys, 2) for ys in rows])
 
 
 # -- run configs ----------------------------------------------------------------------------------
@@ -212,17 +241,36 @@ def make_cfg(tp: int = 1, pp: int = 1, dp: int = 1, *, sp: bool = False, vpp: in
     return cfg.validate()
 
 
-def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+# Packed rows of the parity batches: documents shorter than a chunk (8), none a multiple of the
+# chunk, segment (16) or window (8); the last target of every document (the next one's first
+# token) does not count.
+PACKED_LENGTHS = [[5, 27], [3, 11, 18], [32], [20, 6, 6]]
+
+
+def batches(packed: bool = False) -> list[tuple[torch.Tensor, ...]]:
+    """(inputs, targets) per step, or packed rows (inputs, targets, cu_seqlens)."""
     g = torch.Generator().manual_seed(5)
     out = []
     for _ in range(PARITY_STEPS):
         x = torch.randint(0, 259, (GLOBAL_BATCH, SEQ + 1), generator=g)
         out.append((x[:, :-1], x[:, 1:]))
-    return out
+    if not packed:
+        return out
+    cu = cu_seqlens_of(PACKED_LENGTHS)
+    last = cu[1:].long() - 1                    # each document's last token, in the flat batch
+    return [(x, y.flatten().index_fill(0, last, -100).view_as(y), cu) for x, y in out]
 
 
-def reference(layers: tuple[str, ...] = ALL_MIXERS,
-              mem_norm: bool = False) -> tuple[list[float], dict[str, torch.Tensor]]:
+def dp_rows(rt, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """This DP rank's rows of a global (possibly packed) batch."""
+    x, y, *packed = batch
+    rows = x.shape[0] // rt.layout.dp
+    return (rt.dp_slice(x), rt.dp_slice(y),
+            *(row_slice(cu, x.shape[1], rt.dp_rank * rows, (rt.dp_rank + 1) * rows) for cu in packed))
+
+
+def reference(layers: tuple[str, ...] = ALL_MIXERS, packed: bool = False,
+              mem_norm: bool = False) -> tuple[list[float], dict]:
     """One process, the single-device trainer's pieces: losses per step, grads of step 1."""
     cfg = make_cfg(layers=layers, mem_norm=mem_norm)
     torch.manual_seed(cfg.train.seed)
@@ -230,8 +278,8 @@ def reference(layers: tuple[str, ...] = ALL_MIXERS,
     opt = build_optimizer(model, cfg.optim)
     sched = build_scheduler(opt, cfg.optim, cfg.train.steps)
     losses, grads = [], {}
-    for i, (x, y) in enumerate(batches()):
-        logits, _ = model(x)
+    for i, batch in enumerate(batches(packed)):
+        logits, y = forward_batch(model, batch)
         loss = lm_loss(logits, y)
         loss.backward()
         if i == 0:
@@ -244,12 +292,12 @@ def reference(layers: tuple[str, ...] = ALL_MIXERS,
     return losses, grads
 
 
-def _step_one_with_grads(rt, x, y, lr: float) -> tuple[float, dict]:
+def _step_one_with_grads(rt, x, y, lr: float, *packed) -> tuple[float, dict]:
     """Step 1 with the reduced gradients read back before the optimizer uses them."""
     from titans_scale.parallel.gather import gather_full
 
     if rt.layout.engine == "megatron":
-        loss = rt.forward_backward(x, y)
+        loss = rt.forward_backward(x, y, *packed)
         rt.engine.gather_grad_shards()
         grads = gather_full(rt.engine.chunks, lambda n, p: p.main_grad)
         rt.engine.step(lr)
@@ -266,26 +314,28 @@ def _step_one_with_grads(rt, x, y, lr: float) -> tuple[float, dict]:
 
     ds._take_model_step = take_model_step
     try:
-        loss = rt.train_step(x, y, lr).loss
+        loss = rt.train_step(x, y, lr, *packed).loss
     finally:
         ds._take_model_step = original
     return loss, grads
 
 
-def train_layout(**layout) -> dict:
-    """Inside a spawned rank: PARITY_STEPS steps of `layout` (kwargs of make_cfg, dp included)."""
+def train_layout(packed: bool = False, **layout) -> dict:
+    """Inside a spawned rank: PARITY_STEPS steps of `layout` (kwargs of make_cfg, dp included),
+    on packed rows if `packed`."""
     from titans_scale.parallel.runtime import ParallelRuntime
 
     cfg = make_cfg(**layout)
     rt = ParallelRuntime(cfg)
     lr_at = lr_lambda(cfg.optim, cfg.train.steps)
     losses, grads = [], {}
-    for i, (x, y) in enumerate(batches()):
-        xs, ys, lr = rt.dp_slice(x), rt.dp_slice(y), cfg.optim.lr * lr_at(i)
+    for i, batch in enumerate(batches(packed)):
+        xs, ys, *cu = dp_rows(rt, batch)
+        lr = cfg.optim.lr * lr_at(i)
         if i == 0:
-            loss, grads = _step_one_with_grads(rt, xs, ys, lr)
+            loss, grads = _step_one_with_grads(rt, xs, ys, lr, *cu)
         else:
-            loss = rt.train_step(xs, ys, lr).loss
+            loss = rt.train_step(xs, ys, lr, *cu).loss
         losses.append(loss)
     return {"losses": losses, "grads": grads, "describe": rt.layout.describe()}
 

@@ -4,6 +4,13 @@
 
 forward(tokens, state) -> (logits, state): pass the returned state back with the next piece
 of a document and the outputs equal one call on the whole document.
+forward(tokens, cu_seqlens=...) -> (logits, None): packed rows of several documents (document
+starts in the flattened batch, ops/varlen.py); every document gives exactly its logits alone.
+One seam does it for every mixer: Block re-lays the mixer's input one document per row (a few
+length buckets, no per-document loop), runs the mixer unchanged on them as fresh sequences from
+position 0 (memory from W^0, own chunk and segment grids, conv and attention within the
+document, persistent tokens seen by all) and lays the outputs back. Norms and the FFN are
+per token and need nothing.
 
 Parallelism reuses this code from outside (parallel/): a Block's seams (``mixer_in``,
 ``mixer_out``, ``ffn_in``; identities here) take tensor/sequence-parallel layout changes, and a
@@ -17,6 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+
+from titans_scale.ops.varlen import Documents, PackedBatchError
 
 from .config import ModelConfig
 from .layers import RMSNorm, SwiGLU
@@ -42,8 +51,12 @@ class Block(nn.Module):
         # may be split along the sequence.
         self.mixer_in, self.mixer_out, self.ffn_in = nn.Identity(), nn.Identity(), nn.Identity()
 
-    def forward(self, x, state, pos0):
-        h, state = self.mixer(self.mixer_in(self.norm_mix(x)), state, pos0)
+    def forward(self, x, state, pos0, docs: Documents | None = None):
+        h = self.mixer_in(self.norm_mix(x))
+        if docs is None:
+            h, state = self.mixer(h, state, pos0)
+        else:       # packed rows: each document is a fresh sequence (module docstring)
+            h = docs.map(lambda rows: self.mixer(rows, None, 0)[0], h)
         x = x + self.mixer_out(h)
         return x + self.ffn(self.ffn_in(self.norm_ffn(x))), state
 
@@ -71,19 +84,24 @@ class TitansLM(nn.Module):
             elif name.endswith(("out.weight", "w_down.weight")):     # residual outputs, GPT-2 style
                 nn.init.normal_(p, std=std / (2 * len(self.blocks)) ** 0.5)
 
-    def forward(self, tokens: torch.Tensor, state: ModelState | None = None):
+    def forward(self, tokens: torch.Tensor, state: ModelState | None = None, cu_seqlens: torch.Tensor | None = None):
         """tokens: [B, L] token ids, or hidden states where the embedding was pruned (a later
         pipeline stage). Returns (logits, state), or (hidden states, state) where the final
-        norm was pruned. Parallel stages run fresh sequences and drop the state."""
+        norm was pruned. Parallel stages run fresh sequences and drop the state.
+        cu_seqlens: packed rows (int32 document starts into the flattened B*L tokens, every row
+        start among them); the state is then None in and out."""
         if self.embed is not None and tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, length] token ids, got shape {tuple(tokens.shape)}")
+        if cu_seqlens is not None and state is not None:
+            raise PackedBatchError("packed rows (cu_seqlens) start every document fresh: pass state=None")
+        docs = None if cu_seqlens is None else Documents(cu_seqlens)
         state = state or ModelState(0, [None] * len(self.blocks))
         x = tokens if self.embed is None else self.embed(tokens)
         new_layers = []
         for block, st in zip(self.blocks.values(), state.layers):
-            x, st = block(x, st, state.position)
+            x, st = block(x, st, state.position, docs)
             new_layers.append(st)
-        state = ModelState(state.position + tokens.shape[1], new_layers)
+        state = None if docs is not None else ModelState(state.position + tokens.shape[1], new_layers)
         return (x, state) if self.norm is None else (self.output(self.norm(x)), state)
 
     def output(self, x: torch.Tensor) -> torch.Tensor:

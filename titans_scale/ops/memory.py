@@ -1,7 +1,7 @@
 """memory_scan: the public memory op and its dispatcher (naive | chunked | fused | triton).
 
     y, state = memory_scan(q, k, v, theta, eta, alpha, init, chunk_size=64, impl="auto",
-                           recompute_group=None, ln_weight=None, ln_bias=None)
+                           recompute_group=None, ln_weight=None, ln_bias=None, cu_seqlens=None)
 
 q, k: [B, H, L, d]; v: [B, H, L, d_out]; theta, eta, alpha: [B, H, L];
 init: a list of [B, H, in, out] weights (fresh start, zero momentum) or a MemoryState
@@ -18,6 +18,11 @@ recompute_group: g > 0 keeps one state per g chunks for backward and recomputes 
 (ops/recompute.py); None or 0 keeps every chunk's state. The naive path ignores it.
 ln_weight, ln_bias: [H, d], both or neither: the normalised residual memory
 f(k) = k + ln_weight * LN(g_W(k)) + ln_bias (docs/design.md section 3; ops/mlp.py).
+cu_seqlens: packed rows (as fla takes them): int32 document starts into the flattened B*L
+tokens, 0 to B*L, every row start among them. Each document starts from its row's W^0 (init
+must then be weights, not a carried state) with zero momentum and its own chunk grid, in
+every impl: the documents are re-laid one per row (ops/varlen.py) and scanned as a batch.
+No state comes back (None): a packed call ends in several documents, none to continue.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from .fused import unsupported as fused_unsupported
 from .naive import naive_scan
 from .recompute import check_recompute_group
 from .state import MemoryArgumentError, MemoryState, check_norm_args, check_scan_args, state_dtype
+from .varlen import DocumentLayout
 
 IMPLS = ("auto", "naive", "chunked", "fused", "triton")
 
@@ -98,8 +104,11 @@ def _as_state_dtype(state: MemoryState, dt: torch.dtype) -> MemoryState:
 
 
 def memory_scan(q, k, v, theta, eta, alpha, init, chunk_size: int = 64, impl: str = "auto",
-                recompute_group: int | None = None, ln_weight=None, ln_bias=None):
+                recompute_group: int | None = None, ln_weight=None, ln_bias=None, cu_seqlens=None):
     state = check_scan_args(q, k, v, theta, eta, alpha, init, chunk_size)
+    if cu_seqlens is not None:
+        return _scan_documents(q, k, v, theta, eta, alpha, init, cu_seqlens, chunk_size=chunk_size, impl=impl,
+                               recompute_group=recompute_group, ln_weight=ln_weight, ln_bias=ln_bias), None
     norm = check_norm_args(q, v, ln_weight, ln_bias)
     check_recompute_group(recompute_group)
     name = _resolve(impl, q, state, norm)
@@ -113,6 +122,19 @@ def memory_scan(q, k, v, theta, eta, alpha, init, chunk_size: int = 64, impl: st
         extra["norm"] = norm if entry.native_dtype else tuple(p.to(dt) for p in norm)
     y, new_state = entry.fn(*args, _as_state_dtype(state, dt), recompute_group=recompute_group, **extra)
     return y.to(out_dtype), new_state
+
+
+def _scan_documents(q, k, v, theta, eta, alpha, init, cu_seqlens, **kw) -> torch.Tensor:
+    """Packed rows: every document a fresh scan from its row's W^0, a few length buckets of
+    documents per call (ops/varlen.py); padding after a document's end cannot reach it (causal)."""
+    if isinstance(init, MemoryState):
+        raise MemoryArgumentError("cu_seqlens starts every document from W^0: pass init as the [B, H, in, out] "
+                                  "weights, not a carried MemoryState (packed rows do not stream)")
+    docs = DocumentLayout(cu_seqlens, q.shape[0], q.shape[2])
+    per_bucket = zip(*(docs.split(t, 2) for t in (q, k, v, theta, eta, alpha)))
+    ys = [memory_scan(*inputs, [w.index_select(0, bucket.rows) for w in init], **kw)[0]
+          for bucket, inputs in zip(docs.buckets, per_bucket)]
+    return docs.merge(ys, 2)
 
 
 __all__ = ["memory_scan", "MemoryState", "MemoryArgumentError", "register_impl", "IMPLS"]

@@ -86,35 +86,39 @@ def chunk_layer_ids(cfg: ModelConfig, seq_len: int, pp: int, vpp: int, pp_rank: 
     return [groups[c * pp + pp_rank] for c in range(vpp)]
 
 
-def _forward_step(data_iterator, model, seq_len: int):
-    tokens, targets = next(data_iterator)
-    out = model(tokens, targets)
+def _forward_step(data_iterator, model, denominator: float):
+    tokens, targets, *packed = next(data_iterator)         # packed rows: + cu_seqlens
+    out = model(tokens, targets, *packed)
 
     def loss_func(per_token: torch.Tensor):
-        # Normalised by the GLOBAL token count: under context parallelism per_token holds this
-        # rank's shard [L_r, B] and the CP ranks' losses add up to the mean (megatron's schedule
-        # multiplies by the CP size and DDP divides by DP x CP). Without CP the factor is 1.
-        loss = per_token.mean() * (per_token.shape[0] / seq_len)
+        # The counted targets (not -100) summed, over the step's count per micro-batch of one
+        # DP rank (`denominator`): the schedule's division by the micro-batch count and DDP's
+        # mean over DP ranks then give the mean over every counted target, as lm_loss. Under
+        # context parallelism per_token holds this rank's shard [L_r, B] and the CP ranks' sums
+        # add up (megatron's schedule multiplies by the CP size and DDP divides by DP x CP).
+        loss = per_token.masked_fill(targets.t() == -100, 0.0).sum() / denominator
         # The schedule divides `loss` by the micro-batch count in place: log a copy.
         return loss, {"loss": loss.detach().clone()}
 
     return out, loss_func
 
 
-def run_schedule(chunks: list, microbatches: list[tuple[torch.Tensor, torch.Tensor]], seq_len: int,
-                 micro_batch_size: int, forward_only: bool = False) -> list[torch.Tensor]:
+def run_schedule(chunks: list, microbatches: list[tuple[torch.Tensor, ...]], seq_len: int,
+                 micro_batch_size: int, denominator: float, forward_only: bool = False) -> list[torch.Tensor]:
     """Forward (and backward) every micro-batch through this rank's model chunks with
     megatron's schedule for the current layout. Returns the micro-batch mean losses on the last
     pipeline stage, [] on the others. Gradients accumulate (the loss is averaged over
     micro-batches); the config's finalize_model_grads_func runs at the end, when set.
-    seq_len: the whole sequence length (micro-batches may hold one context-parallel shard)."""
+    microbatches: (tokens, targets) or packed rows (tokens, targets, cu_seqlens).
+    seq_len: the whole sequence length (micro-batches may hold one context-parallel shard).
+    denominator: the counted targets per micro-batch of one DP rank (ParallelRuntime)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     # Each chunk reads the same micro-batches: chunk 0 of stage 0 needs the tokens, the last
     # chunk of the last stage the targets; the others read and ignore them.
     iters = [iter(microbatches) for _ in chunks]
     fb = get_forward_backward_func()
-    step = partial(_forward_step, seq_len=seq_len)
+    step = partial(_forward_step, denominator=denominator)
     losses = fb(forward_step_func=step, data_iterator=iters if len(chunks) > 1 else iters[0],
                 model=chunks if len(chunks) > 1 else chunks[0], num_microbatches=len(microbatches),
                 seq_length=seq_len, micro_batch_size=micro_batch_size, forward_only=forward_only)

@@ -3,6 +3,7 @@ sharded checkpoints. It is the training loop's engine under a parallel layout (t
 
     rt = ParallelRuntime(cfg, plan_layout(cfg, world_size))   # under torchrun (or run_distributed)
     loss, grad_norm, applied = rt.train_step(inputs, targets, lr)   # this DP rank's rows
+    rt.train_step(inputs, targets, lr, cu_seqlens)                  # packed rows (ops/varlen.py)
 
 The order is fixed: the layout is checked before any process group exists (a refused layout
 never hangs a collective), then megatron's groups, then the model chunks, then the engine.
@@ -19,7 +20,9 @@ from megatron.core import parallel_state as ps
 
 from titans_scale.config import RunConfig
 from titans_scale.device import collective_device, place_batch, resolve_device
+from titans_scale.errors import ConfigError
 from titans_scale.model import TitansLM
+from titans_scale.ops.varlen import row_slice
 from titans_scale.parallel.build import build_chunks
 from titans_scale.parallel.checkpoint import ShardedCheckpointer
 from titans_scale.parallel.layout import Layout, plan_layout, world_size_from_env
@@ -80,13 +83,29 @@ class ParallelRuntime:
         from titans_scale.parallel.context import local_shard
         return local_shard(batch, self.info.cp_rank, self.layout.cp, self.cfg.model.chunk_size, dim=1)
 
-    def _microbatches(self, inputs: torch.Tensor, targets: torch.Tensor):
+    def _loss_denominator(self, targets: torch.Tensor) -> float:
+        """The step's counted targets (not -100) over every DP rank, per micro-batch of one rank
+        (pipeline._forward_step): the loss is then the mean over counted targets, as lm_loss's."""
+        counted = (targets != -100).sum().to(collective_device(), torch.float64)
+        dist.all_reduce(counted, group=ps.get_data_parallel_group())
+        return counted.item() / (self.layout.microbatches * self.layout.dp)
+
+    def _microbatches(self, inputs: torch.Tensor, targets: torch.Tensor, cu_seqlens: torch.Tensor | None = None):
+        """(tokens, targets) per micro-batch, packed rows with their cu_seqlens third."""
+        if cu_seqlens is not None and self.layout.cp > 1:
+            raise ConfigError(f"data.pack = true with parallel.cp = {self.layout.cp}: packed documents under "
+                              "context parallelism are not supported yet; set parallel.cp = 1 or data.pack = false")
+        length = inputs.shape[1]
         inputs, targets = place_batch(self.device, self.cp_slice(inputs), self.cp_slice(targets))
         n = self.layout.microbatches
         if inputs.shape[0] % n:
             raise ValueError(f"{inputs.shape[0]} rows per data-parallel rank do not split into "
                              f"parallel.microbatches={n}")
-        return list(zip(inputs.chunk(n), targets.chunk(n)))
+        if cu_seqlens is None:
+            return list(zip(inputs.chunk(n), targets.chunk(n)))
+        m = inputs.shape[0] // n            # each micro-batch's rows keep their documents whole
+        cus = place_batch(self.device, *(row_slice(cu_seqlens, length, i * m, (i + 1) * m) for i in range(n)))
+        return list(zip(inputs.chunk(n), targets.chunk(n), cus))
 
     # -- steps ------------------------------------------------------------------------------
     def _global_mean(self, losses: list[torch.Tensor]) -> float:
@@ -102,38 +121,45 @@ class ParallelRuntime:
         dist.all_reduce(t, group=ps.get_data_parallel_group())
         return t.item() / self.layout.dp
 
-    def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+    def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor,
+                         cu_seqlens: torch.Tensor | None = None) -> float:
         """Gradients of one step's micro-batches (reduced by the engine at the schedule's end,
         megatron; or in step(), DeepSpeed). Returns the global mean loss."""
         self.engine.zero_grad()
+        micro, denominator = self._microbatches(inputs, targets, cu_seqlens), self._loss_denominator(targets)
         with self.precision.autocast():
-            losses = run_schedule(self.engine.chunks, self._microbatches(inputs, targets),
-                                  self.cfg.data.seq_len, self.layout.micro_batch_size)
+            losses = run_schedule(self.engine.chunks, micro, self.cfg.data.seq_len, self.layout.micro_batch_size,
+                                  denominator)
         return self._global_mean(losses)
 
-    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor, lr: float) -> StepResult:
-        """inputs, targets: [rows of this DP rank, seq_len] (whole sequences: CP ranks take their shards)."""
-        loss = self.forward_backward(inputs, targets)
+    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor, lr: float,
+                   cu_seqlens: torch.Tensor | None = None) -> StepResult:
+        """inputs, targets: [rows of this DP rank, seq_len] (whole sequences: CP ranks take their
+        shards); cu_seqlens: packed rows' document starts in these rows (ops/varlen.py)."""
+        loss = self.forward_backward(inputs, targets, cu_seqlens)
         if not math.isfinite(loss):
             self.engine.zero_grad()
             return StepResult(loss, float("nan"), False)
         applied, grad_norm = self.engine.step(lr)
         return StepResult(loss, grad_norm, applied)
 
-    def eval_loss(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-        """Mean held-out loss over `batches` (this DP rank's rows of each global batch)."""
-        losses = [self._eval_batch(x, y) for x, y in batches]
+    def eval_loss(self, batches: list[tuple[torch.Tensor, ...]]) -> float:
+        """Mean held-out loss over `batches` (this DP rank's rows of each global batch; packed
+        rows carry their cu_seqlens third)."""
+        losses = [self._eval_batch(*b) for b in batches]
         return sum(losses) / max(1, len(losses))
 
     @torch.no_grad()
-    def _eval_batch(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+    def _eval_batch(self, inputs: torch.Tensor, targets: torch.Tensor,
+                    cu_seqlens: torch.Tensor | None = None) -> float:
         chunks = self.engine.chunks
+        micro, denominator = self._microbatches(inputs, targets, cu_seqlens), self._loss_denominator(targets)
         for c in chunks:
             _module(c).eval()
         try:
             with self.precision.autocast():
-                losses = run_schedule(chunks, self._microbatches(inputs, targets), self.cfg.data.seq_len,
-                                      self.layout.micro_batch_size, forward_only=True)
+                losses = run_schedule(chunks, micro, self.cfg.data.seq_len, self.layout.micro_batch_size,
+                                      denominator, forward_only=True)
         finally:
             for c in chunks:
                 _module(c).train()

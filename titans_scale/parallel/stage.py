@@ -114,13 +114,16 @@ class TitansStage(TitansLM):
         return self.embed.weight if self.pre_process else self.head.weight
 
     # -- forward ----------------------------------------------------------------------------
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens, targets: [B, L] (only the first / last stage reads them).
-        Returns per-token losses [L, B] on the last stage, else activations [L(/tp), B, D]."""
-        out, _ = super().forward(tokens if self.pre_process else self.input_tensor)
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens, targets: [B, L] (only the first / last stage reads them); cu_seqlens: packed
+        rows' document starts (every stage reads them: each block re-lays its mixer's input).
+        Returns per-token losses [L, B] on the last stage (any value where targets are -100:
+        the loss masks them), else activations [L(/tp), B, D]."""
+        out, _ = super().forward(tokens if self.pre_process else self.input_tensor, cu_seqlens=cu_seqlens)
         if not self.post_process:
             return out
-        return vocab_parallel_cross_entropy(out, targets.t().contiguous())
+        return vocab_parallel_cross_entropy(out, targets.clamp_min(0).t().contiguous())
 
     def output(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's fp32 logits [L, B, V_padded / tp], the vocabulary padding masked."""

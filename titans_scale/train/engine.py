@@ -22,12 +22,12 @@ from titans_scale.model import TitansLM
 from titans_scale.parallel.step import StepResult
 from titans_scale.precision.apply import Precision
 from titans_scale.train.checkpoint import CheckpointManager
-from titans_scale.train.evaluate import evaluate_loss, lm_loss
+from titans_scale.train.evaluate import evaluate_loss, forward_batch, lm_loss
 from titans_scale.train.optim import build_optimizer, build_scheduler
 
 __all__ = ["Engine", "LocalEngine", "StepResult"]
 
-Batches = list[tuple[torch.Tensor, torch.Tensor]]
+Batches = list[tuple[torch.Tensor, ...]]      # (inputs, targets), or packed rows (inputs, targets, cu_seqlens)
 
 
 class Engine(Protocol):
@@ -40,8 +40,10 @@ class Engine(Protocol):
     def summary(self) -> dict:
         """What runs where, for the run's start record (parameters, or the parallel layout)."""
 
-    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor, lr: float) -> StepResult:
-        """One optimizer step at learning rate `lr` on this rank's rows of the global batch."""
+    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor, lr: float,
+                   cu_seqlens: torch.Tensor | None = None) -> StepResult:
+        """One optimizer step at learning rate `lr` on this rank's rows of the global batch
+        (packed rows: with their document starts, ops/varlen.py)."""
 
     def eval_loss(self, batches: Batches) -> float:
         """Mean held-out loss over `batches` (this rank's rows of each global batch)."""
@@ -88,12 +90,13 @@ class LocalEngine:
     def summary(self) -> dict:
         return {"params": self.model.num_params()}
 
-    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor, lr: float) -> StepResult:
+    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor, lr: float,
+                   cu_seqlens: torch.Tensor | None = None) -> StepResult:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        inputs, targets = place_batch(self.device, inputs, targets)
+        batch = place_batch(self.device, inputs, targets, *([] if cu_seqlens is None else [cu_seqlens]))
         with self.precision.autocast():
-            logits, _ = self.model(inputs)
+            logits, targets = forward_batch(self.model, batch)
         loss = lm_loss(logits, targets)
         grad_norm = float("nan")
         if torch.isfinite(loss):
@@ -109,7 +112,7 @@ class LocalEngine:
         return StepResult(loss.item(), grad_norm, applied)
 
     def eval_loss(self, batches: Batches) -> float:
-        return evaluate_loss(self.model, [place_batch(self.device, x, y) for x, y in batches],
+        return evaluate_loss(self.model, [place_batch(self.device, *b) for b in batches],
                              self.precision.autocast)
 
     def latest(self) -> Path | None:

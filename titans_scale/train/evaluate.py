@@ -17,8 +17,16 @@ from titans_scale.data.synthetic import RecallSample
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy in fp32: the training objective and the held-out loss."""
+    """Next-token cross-entropy in fp32 (targets -100 do not count): the training objective and
+    the held-out loss."""
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def forward_batch(model, batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, targets) of a batch (inputs, targets) or packed rows (inputs, targets, cu_seqlens)."""
+    inputs, targets, *packed = batch
+    logits, _ = model(inputs, cu_seqlens=packed[0] if packed else None)
+    return logits, targets
 
 
 @torch.no_grad()
@@ -26,9 +34,9 @@ def evaluate_loss(model, batches, autocast=contextlib.nullcontext) -> float:
     was = model.training
     model.eval()
     total = 0.0
-    for inputs, targets in batches:
+    for batch in batches:
         with autocast():
-            logits, _ = model(inputs)
+            logits, targets = forward_batch(model, batch)
         total += lm_loss(logits, targets).item()
     model.train(was)
     return total / max(1, len(batches))

@@ -171,8 +171,8 @@ class Trainer:
         last: dict = {}
         window_t, window_tokens = time.perf_counter(), 0
         while self.step < t.steps:
-            inputs, targets = self.data.next_batch(self.step)
-            r = eng.train_step(inputs, targets, self.lr())
+            inputs, targets, *packed = self.data.next_batch(self.step)     # packed: + cu_seqlens
+            r = eng.train_step(inputs, targets, self.lr(), *packed)
             if r.applied and math.isfinite(r.grad_norm):
                 self.bad_in_row = 0
             else:
