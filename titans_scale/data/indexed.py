@@ -10,16 +10,29 @@ too-narrow dtype, empty).
 
 from __future__ import annotations
 
+import logging
 import struct
+import warnings
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
+import torch
 
 from titans_scale.errors import DataError
 
 _HEADER = b"MMIDIDX\x00\x00"
 _HEAD_BYTES = 9 + 8 + 1 + 8 + 8          # header, version, dtype code, sequence count, document count
+
+
+def _megatron():
+    """megatron-core's indexed_dataset module. Importing megatron.core warns that fused kernels are
+    absent and its readers log every file at INFO: neither is news to a data user."""
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets import indexed_dataset
+    return indexed_dataset
 
 
 def index_dtype(vocab_size: int) -> np.dtype:
@@ -33,8 +46,6 @@ def _check_files(prefix: str) -> tuple[Path, Path]:
         if not p.is_file():
             raise DataError(f"indexed dataset file '{p}' not found; a Megatron dataset is a prefix with both "
                             ".bin and .idx (pass the prefix, without the suffix)")
-    from megatron.core.datasets.indexed_dataset import DType
-
     with open(idx, "rb") as f:
         head = f.read(_HEAD_BYTES)
     if len(head) < _HEAD_BYTES or head[:9] != _HEADER or struct.unpack("<Q", head[9:17])[0] != 1:
@@ -42,7 +53,7 @@ def _check_files(prefix: str) -> tuple[Path, Path]:
                         "write it with megatron's preprocess_data.py or `titans-scale prepare --format indexed`")
     code = head[17]
     try:
-        dtype = np.dtype(DType.dtype_from_code(code))
+        dtype = np.dtype(_megatron().DType.dtype_from_code(code))
     except ValueError:
         raise DataError(f"'{idx}' has an unknown token dtype code {code}; the file is damaged") from None
     if dtype.kind not in "iu":
@@ -61,12 +72,10 @@ def _check_files(prefix: str) -> tuple[Path, Path]:
 def open_indexed(prefix: str | Path, vocab_size: int | None = None):
     """megatron-core's `IndexedDataset` at `prefix`, checked: the .bin holds exactly the tokens its .idx
     describes, at least one token, and (given `vocab_size`) a dtype that can hold every id."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
     prefix = str(prefix)
     idx, bin_ = _check_files(prefix)
     try:
-        ds = IndexedDataset(prefix, mmap=True)
+        ds = _megatron().IndexedDataset(prefix, mmap=True)
     except (AssertionError, IndexError, ValueError) as e:    # megatron checks its index with asserts
         raise DataError(f"'{idx}' is inconsistent ({e or type(e).__name__}); the file is damaged") from None
     dtype = np.dtype(ds.index.dtype)
@@ -106,11 +115,8 @@ def write_indexed(prefix: str | Path, blocks: Iterable[np.ndarray], eos_id: int,
     """Write token `blocks` (documents laid end to end, each ending with `eos_id`) as `prefix.bin/.idx`
     with megatron-core's `IndexedDatasetBuilder`, one document per eos; returns the document count.
     A document longer than a block is stored as several sequences of one document."""
-    import torch
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
     prefix = str(prefix)
-    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.dtype(dtype).type)
+    builder = _megatron().IndexedDatasetBuilder(prefix + ".bin", dtype=np.dtype(dtype).type)
     documents, open_doc = 0, False
     for block in blocks:
         prev = 0
