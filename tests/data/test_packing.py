@@ -157,3 +157,13 @@ def test_pack_config_errors(doc_shards):
     src, shards = doc_shards
     with pytest.raises(ConfigError, match="data.loss_across_docs: applies to packed rows only"):
         _cfg(src, shards, loss_across_docs=True)
+
+
+def test_packed_ignores_are_refused_where_the_loss_cannot_skip_them(doc_shards):
+    src, shards = doc_shards
+    cfg = _cfg(src, shards, pack=True)
+    cfg.parallel.tp = 2
+    with pytest.raises(ConfigError, match="data.pack ignores .*data.loss_across_docs = true"):
+        RunData(cfg)
+    cfg.data.loss_across_docs = True
+    assert len(RunData(cfg).next_batch(0)) == 3
