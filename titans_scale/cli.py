@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from titans_scale.errors import ConfigError, TitansError
@@ -90,7 +91,7 @@ def _cmd_prepare(args) -> int:
 
     idx = prepare_corpus(args.out, load_tokenizer(args.tokenizer), sources_of(args.source),
                          max_bytes=args.max_bytes, overwrite=args.overwrite, layout=args.format,
-                         text_column=args.text_column, progress=True)
+                         text_column=args.text_column, progress=os.environ.get("TITANS_NO_PROGRESS") != "1")
     splits = idx.splits.values()
     n_bytes = sum((idx.directory / f).stat().st_size for s in splits for f in s.files)
     print(json.dumps({"out": args.out, "format": idx.layout, "train_tokens": idx.num_tokens("train"),
