@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import cli, losses, micro_config, write_config
+from titans_scale.cli import main
 from titans_scale.data.shards import prepare_corpus
 from titans_scale.data.tokenizer import ByteTokenizer
 from titans_scale.errors import DataError
@@ -54,11 +55,16 @@ def test_saved_dataset_parquet_and_dataset_dict(tmp_path):
     assert sum(s.documents for s in both.splits.values()) == 299
 
 
-def test_bad_hf_sources_are_refused(tmp_path):
+def test_bad_hf_sources_are_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TITANS_NO_PROGRESS", "1")
     ds = datasets.Dataset.from_dict({"body": ["a text"] * 20, "n": list(range(20))})
     ds.save_to_disk(str(tmp_path / "saved"))
     with pytest.raises(DataError, match=r"saved: no column 'text' \(columns: body, n\); pass --text-column"):
         prepare_corpus(tmp_path / "o1", BYTE, [tmp_path / "saved"])
+    capsys.readouterr()                             # save_to_disk's own progress bar
+    assert main(["prepare", "--source", str(tmp_path / "saved"), "--out", str(tmp_path / "o0")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("titans-scale prepare: error: ") and "no column 'text'" in err[0]
     with pytest.raises(DataError, match="column 'n' holds int values, not text"):
         prepare_corpus(tmp_path / "o2", BYTE, [tmp_path / "saved"], text_column="n")
     ds.to_parquet(str(tmp_path / "t.parquet"))
