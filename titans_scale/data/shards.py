@@ -92,6 +92,11 @@ class SplitInfo:
         return sum(self.tokens)
 
 
+def _shard_maps(directory: Path, dtype: str | np.dtype, info: SplitInfo) -> list[np.ndarray]:
+    """The non-empty shards of a split, memory-mapped."""
+    return [np.memmap(directory / f, dtype=dtype, mode="r", shape=(n,)) for f, n in zip(info.files, info.tokens) if n]
+
+
 @dataclass
 class ShardIndex:
     directory: Path
@@ -114,11 +119,7 @@ class ShardIndex:
 
     def stream(self, split: str) -> TokenStream:
         info = self._split(split)
-        return TokenStream(self._maps(info))
-
-    def _maps(self, info: SplitInfo) -> list[np.ndarray]:
-        return [np.memmap(self.directory / f, dtype=self.dtype, mode="r", shape=(n,))
-                for f, n in zip(info.files, info.tokens) if n]
+        return TokenStream(_shard_maps(self.directory, self.dtype, info))
 
     def doc_starts(self, split: str) -> np.ndarray:
         """Stream offsets where a document starts: 0 and every token after an eos (one scan per shard)."""
@@ -127,7 +128,7 @@ class ShardIndex:
                             "so their document boundaries are unknown; use a tokenizer with an eos token or "
                             "data.pack = false")
         found, base = [np.zeros(1, dtype=np.int64)], 0
-        for a in self._maps(self._split(split)):
+        for a in _shard_maps(self.directory, self.dtype, self._split(split)):
             found.append(np.flatnonzero(a == self.eos_id) + 1 + base)
             base += len(a)
         starts = np.concatenate(found)
@@ -329,8 +330,7 @@ class _SplitWriter:
 
 def _move_tail(directory: Path, dtype: np.dtype, src: SplitInfo, dst_split: str, n: int) -> SplitInfo:
     """Move the last `n` tokens of `src` into a new one-shard split (a corpus with too few documents)."""
-    stream = TokenStream([np.memmap(directory / f, dtype=dtype, mode="r", shape=(c,))
-                          for f, c in zip(src.files, src.tokens)])
+    stream = TokenStream(_shard_maps(directory, dtype, src))
     keep = len(stream) - n
     tail = stream.read(keep, n).astype(dtype)
     del stream  # release the maps before truncating their files
@@ -356,8 +356,7 @@ _INDEXED_BLOCK = 1 << 24  # tokens read at a time when a split is rewritten in t
 def _to_indexed(directory: Path, dtype: np.dtype, split: str, info: SplitInfo, eos_id: int,
                 out_dtype: np.dtype) -> SplitInfo:
     """Rewrite a split's shards as one Megatron indexed dataset `split.bin/.idx` (documents end at eos)."""
-    stream = TokenStream([np.memmap(directory / f, dtype=dtype, mode="r", shape=(c,))
-                          for f, c in zip(info.files, info.tokens) if c])
+    stream = TokenStream(_shard_maps(directory, dtype, info))
     n = len(stream)
     blocks = (stream.read(i, min(_INDEXED_BLOCK, n - i)) for i in range(0, n, _INDEXED_BLOCK))
     documents = write_indexed(directory / split, blocks, eos_id, out_dtype)
