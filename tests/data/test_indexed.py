@@ -144,6 +144,8 @@ def test_bad_indexed_sources_are_refused(tmp_path):
     _megatron_file(empty, np.uint16, [])
     _one_line(lambda: open_source(empty, BYTE), "empty", "is empty")
 
+    _one_line(lambda: open_source(tmp_path, BYTE), "folder of Megatron indexed datasets", "pass one prefix")
+
     junk = tmp_path / "junk"
     (tmp_path / "junk.idx").write_bytes(b"not an index at all, no")
     (tmp_path / "junk.bin").write_bytes(b"")

@@ -74,6 +74,10 @@ def open_source(path: str | Path, tokenizer: Tokenizer | None = None) -> Source:
     prefix (`path.bin`/`path.idx`, or either file's name)."""
     p = Path(path)
     prefix = _prefix(p)
+    idx_files = sorted(p.glob("*.idx")) if p.is_dir() and not (p / INDEX_NAME).is_file() else []
+    if idx_files:
+        raise DataError(f"'{p}' is a folder of Megatron indexed datasets; pass one prefix, e.g. "
+                        f"'{idx_files[0].with_suffix('')}' (several: list each in data.blend)")
     if (p / INDEX_NAME).is_file() or not (Path(prefix + ".idx").exists() or Path(prefix + ".bin").exists()):
         return open_shards(p, tokenizer)           # its own errors: no index, corrupt, tokenizer mismatch
     return IndexedSource(prefix, tokenizer.vocab_size if tokenizer is not None else None)
