@@ -3,7 +3,7 @@
   train     --config configs/tiny.toml [key=value ...] [--fresh]
   eval      --run-dir runs/tiny [--suite loss|niah|recall|all] [--lengths 512,1024] [--depths 0,0.5,1]
   generate  --run-dir runs/tiny --prompt "def " [--max-new-tokens 200]
-  prepare   --source my.jsonl --out data_cache/mine [--tokenizer tokenizer.json]
+  prepare   --source my.jsonl --out data_cache/mine [--tokenizer tokenizer.json] [--format indexed]
   convert   SRC DST --to consolidated|training|inference|titans-pytorch (docs/convert.md)
   launch    --config X [--nnodes 2 --nproc-per-node 8 --rdzv-endpoint host:port] [--dry-run]
   slurm submit --config X --nodes 4 --gpus-per-node 8 [--partition p --time 04:00:00] [--dry-run]
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from titans_scale.errors import ConfigError, TitansError
@@ -89,8 +90,13 @@ def _cmd_prepare(args) -> int:
     from titans_scale.train.data import sources_of
 
     idx = prepare_corpus(args.out, load_tokenizer(args.tokenizer), sources_of(args.source),
-                         max_bytes=args.max_bytes, overwrite=args.overwrite)
-    print(json.dumps({"out": args.out, "train_tokens": idx.num_tokens("train"), "val_tokens": idx.num_tokens("val")}))
+                         max_bytes=args.max_bytes, overwrite=args.overwrite, layout=args.format,
+                         text_column=args.text_column, progress=os.environ.get("TITANS_NO_PROGRESS") != "1")
+    splits = idx.splits.values()
+    n_bytes = sum((idx.directory / f).stat().st_size for s in splits for f in s.files)
+    print(json.dumps({"out": args.out, "format": idx.layout, "train_tokens": idx.num_tokens("train"),
+                      "val_tokens": idx.num_tokens("val"), "documents": sum(s.documents for s in splits),
+                      "tokens": sum(s.num_tokens for s in splits), "bytes": n_bytes}))
     return 0
 
 
@@ -119,12 +125,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("overrides", nargs="*")
     g.set_defaults(fn=_cmd_generate)
 
-    r = sub.add_parser("prepare", help="tokenize .txt/.jsonl files into shards")
-    r.add_argument("--source", required=True, help="'embedded' or comma-separated .txt/.jsonl files/folders")
+    r = sub.add_parser("prepare", help="tokenize text (.txt/.jsonl, parquet, saved Hugging Face datasets) into shards")
+    r.add_argument("--source", required=True, help="'embedded' or comma-separated .txt/.jsonl/.parquet files, "
+                   "folders of them, or saved Hugging Face dataset folders")
     r.add_argument("--out", required=True)
     r.add_argument("--tokenizer", default="byte")
     r.add_argument("--max-bytes", type=int, default=8_000_000)
     r.add_argument("--overwrite", action="store_true")
+    from titans_scale.data.shards import LAYOUTS
+    r.add_argument("--format", choices=LAYOUTS, default="shards",
+                   help="indexed: each split as a Megatron-LM .bin/.idx dataset (docs/data.md)")
+    r.add_argument("--text-column", default="text", help="the text column of parquet / Hugging Face sources")
     r.set_defaults(fn=_cmd_prepare)
 
     from titans_scale.convert.cli import add_convert_parser

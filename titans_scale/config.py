@@ -5,7 +5,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Literal
 
 from titans_scale.config_io import load_config, sectioned
@@ -42,6 +43,13 @@ class DataConfig:
     recall_digits: int = 0            # pass-key / value digits; 0 = the task's default
     recall_haystack: Literal["noise", "corpus"] = "noise"
     corpus_loss_fraction: float = 1.0  # share of corpus-row targets with loss (< 1 weights recall up)
+    # packed documents: next_batch also returns cu_seqlens (document starts in the flat batch) and
+    # the target after a document's end carries no loss unless loss_across_docs (docs/data.md)
+    pack: bool = False
+    loss_across_docs: bool = False
+    # [[weight, path], ...]: rows drawn from prepared data folders / Megatron dataset prefixes with
+    # these weights, in place of source + shard_dir (titans_scale/data/blend.py)
+    blend: list[tuple[float, str]] = field(default_factory=list)
 
     def validate(self) -> None:
         _need(self.seq_len >= 1, "data.seq_len", "must be >= 1")
@@ -51,6 +59,16 @@ class DataConfig:
               f"must be an integer >= 0 (0 = the task's default), got {self.recall_digits!r}")
         _need(0.0 < self.corpus_loss_fraction <= 1.0, "data.corpus_loss_fraction",
               f"must be in (0, 1], got {self.corpus_loss_fraction!r}")
+        _need(self.pack or not self.loss_across_docs, "data.loss_across_docs",
+              "applies to packed rows only; set data.pack = true or leave it false")
+        for i, (weight, path) in enumerate(self.blend):
+            _need(math.isfinite(weight) and weight > 0, f"data.blend[{i}]",
+                  f"weight must be a number > 0, got {weight!r}")
+            _need(bool(path.strip()), f"data.blend[{i}]",
+                  "path is empty; give a prepared data folder or a Megatron dataset prefix")
+        paths = [p for _, p in self.blend]
+        dup = next((p for i, p in enumerate(paths) if p in paths[:i]), None)
+        _need(dup is None, "data.blend", f"lists '{dup}' twice; give each source once with its total weight")
 
 
 @dataclass

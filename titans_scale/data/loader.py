@@ -12,6 +12,10 @@ laid side by side equal one rank's batch with B * world_size. The whole position
 integer (windows consumed), so `state_dict` / `load_state_dict` resume exactly, also with
 another world size when the global batch is kept (with another global batch the stream
 goes on from the same window).
+
+The data is any source `open_source` reads (prepared shards in either layout, or a Megatron
+indexed dataset prefix). `rows(begins=True)` also marks where documents start in each window
+(data/packing.py), from the split's document starts found once.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from titans_scale.data.shards import open_shards
+from titans_scale.data.packing import window_begins
+from titans_scale.data.sources import open_source
 from titans_scale.data.tokenizer import Tokenizer
 from titans_scale.errors import DataError
 
@@ -39,7 +44,7 @@ class TokenLoader:
             raise DataError(f"batch_size={batch_size} must be >= 1")
         if world_size < 1 or not 0 <= rank < world_size:
             raise DataError(f"rank={rank} must be in [0, world_size={world_size})")
-        self.index = open_shards(shard_dir, tokenizer)
+        self.index = open_source(shard_dir, tokenizer)
         self.split, self.seq_len, self.batch_size = split, seq_len, batch_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self._stream = self.index.stream(split)
@@ -51,6 +56,7 @@ class TokenLoader:
         self._slack = n_tokens - 1 - self.windows_per_epoch * seq_len
         self.consumed = 0  # windows of the global stream taken so far, by all ranks
         self._epochs: dict[int, tuple[int, np.ndarray]] = {}
+        self._doc_starts: np.ndarray | None = None      # found on first use (packing only)
 
     @property
     def global_batch(self) -> int:
@@ -74,9 +80,12 @@ class TokenLoader:
 
     def window_starts(self, first: int, count: int) -> np.ndarray:
         """Token offsets of global windows first .. first+count-1."""
-        j = np.arange(first, first + count, dtype=np.int64)
-        epochs, pos = np.divmod(j, self.windows_per_epoch)
-        starts = np.empty(count, dtype=np.int64)
+        return self.starts_of(np.arange(first, first + count, dtype=np.int64))
+
+    def starts_of(self, j: np.ndarray) -> np.ndarray:
+        """Token offsets of the global windows `j`."""
+        epochs, pos = np.divmod(np.asarray(j, dtype=np.int64), self.windows_per_epoch)
+        starts = np.empty(len(epochs), dtype=np.int64)
         for e in np.unique(epochs):
             offset, perm = self._epoch_plan(int(e))
             sel = epochs == e
@@ -86,13 +95,30 @@ class TokenLoader:
     def __iter__(self) -> "TokenLoader":
         return self
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        first = self.consumed + self.rank * self.batch_size
-        starts = self.window_starts(first, self.batch_size)
+    def read_windows(self, j: np.ndarray, begins: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """Global windows `j` as [len(j), L + 1] int64 tokens, and (begins=True) where documents start in them."""
+        starts = self.starts_of(j)
         data = np.stack([self._stream.read(int(s), self.seq_len + 1) for s in starts])
+        if not begins:
+            return data, None
+        if self._doc_starts is None:
+            self._doc_starts = self.index.doc_starts(self.split)
+        return data, window_begins(starts, self.seq_len + 1, self._doc_starts)
+
+    def rows(self, begins: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """This rank's next batch of windows (see `read_windows`)."""
+        first = self.consumed + self.rank * self.batch_size
+        out = self.read_windows(np.arange(first, first + self.batch_size), begins)
         self.consumed += self.global_batch
-        t = torch.from_numpy(data)
+        return out
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        t = torch.from_numpy(self.rows()[0])
         return t[:, :-1].contiguous(), t[:, 1:].contiguous()
+
+    def head(self, n: int) -> np.ndarray:
+        """The first `n` tokens of the split (fewer if it is shorter)."""
+        return self._stream.read(0, min(n, len(self._stream)))
 
     def _identity(self) -> dict:
         return {"seed": self.seed, "seq_len": self.seq_len, "split": self.split,

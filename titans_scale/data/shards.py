@@ -4,6 +4,11 @@
     out_dir/train_00000.bin     raw tokens, documents separated by the tokenizer's eos
     out_dir/val_00000.bin
 
+With layout "indexed" (`prepare --format indexed`) each split is one file, `train.bin` +
+`train.idx`, a Megatron-LM indexed dataset written by megatron-core's builder (its .bin is the
+same raw token array, so this index reads it like any shard; Megatron-LM reads the prefix
+`out_dir/train`). Its dtype is uint16 or int32 (megatron's format has no uint32).
+
 The dtype is uint16 when the vocabulary fits (half the disk and page cache), else uint32.
 The index is written last and atomically, so a crash mid-prepare leaves no index and the
 next run rebuilds; an existing index that matches the tokenizer and sources is reused.
@@ -18,14 +23,18 @@ import hashlib
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from titans_scale.data.corpus import (DEFAULT_MAX_BYTES, DEFAULT_VAL_FRACTION, embedded_corpus,
                                       embedded_fingerprint, split_of)
+from titans_scale.data.hf import is_saved_dataset, iter_texts
+from titans_scale.data.indexed import index_dtype, write_indexed
 from titans_scale.data.tokenizer import Tokenizer, check_fingerprint
 from titans_scale.errors import DataError
 from titans_scale.io.atomic import write_json_atomic
@@ -33,6 +42,9 @@ from titans_scale.io.atomic import write_json_atomic
 FORMAT = "titans-scale-shards-v1"
 INDEX_NAME = "index.json"
 SPLITS = ("train", "val")
+LAYOUTS = ("shards", "indexed")
+TEXT_SUFFIXES = (".txt", ".jsonl")
+TABLE_SUFFIXES = (".parquet",)
 DEFAULT_SHARD_TOKENS = 1 << 27  # 128 M tokens: 256 MB as uint16
 
 
@@ -80,6 +92,11 @@ class SplitInfo:
         return sum(self.tokens)
 
 
+def _shard_maps(directory: Path, dtype: str | np.dtype, info: SplitInfo) -> list[np.ndarray]:
+    """The non-empty shards of a split, memory-mapped."""
+    return [np.memmap(directory / f, dtype=dtype, mode="r", shape=(n,)) for f, n in zip(info.files, info.tokens) if n]
+
+
 @dataclass
 class ShardIndex:
     directory: Path
@@ -89,6 +106,7 @@ class ShardIndex:
     eos_id: int | None
     sources: str
     splits: dict[str, SplitInfo]
+    layout: str = "shards"
 
     def num_tokens(self, split: str) -> int:
         return self._split(split).num_tokens
@@ -101,12 +119,24 @@ class ShardIndex:
 
     def stream(self, split: str) -> TokenStream:
         info = self._split(split)
-        return TokenStream([np.memmap(self.directory / f, dtype=self.dtype, mode="r", shape=(n,))
-                            for f, n in zip(info.files, info.tokens) if n])
+        return TokenStream(_shard_maps(self.directory, self.dtype, info))
+
+    def doc_starts(self, split: str) -> np.ndarray:
+        """Stream offsets where a document starts: 0 and every token after an eos (one scan per shard)."""
+        if self.eos_id is None:
+            raise DataError(f"shards at '{self.directory}' have no end-of-text token (tokenizer {self.tokenizer}), "
+                            "so their document boundaries are unknown; use a tokenizer with an eos token or "
+                            "data.pack = false")
+        found, base = [np.zeros(1, dtype=np.int64)], 0
+        for a in _shard_maps(self.directory, self.dtype, self._split(split)):
+            found.append(np.flatnonzero(a == self.eos_id) + 1 + base)
+            base += len(a)
+        starts = np.concatenate(found)
+        return starts[starts < base]
 
     def to_json(self) -> dict:
         return {"format": FORMAT, "tokenizer": self.tokenizer, "vocab_size": self.vocab_size,
-                "dtype": self.dtype, "eos_id": self.eos_id, "sources": self.sources,
+                "dtype": self.dtype, "eos_id": self.eos_id, "sources": self.sources, "layout": self.layout,
                 "splits": {k: {"files": v.files, "tokens": v.tokens, "documents": v.documents}
                            for k, v in self.splits.items()}}
 
@@ -132,7 +162,8 @@ def open_shards(shard_dir: str | Path, tokenizer: Tokenizer | None = None) -> Sh
         splits = {k: SplitInfo(list(map(str, v["files"])), [int(n) for n in v["tokens"]], int(v["documents"]))
                   for k, v in raw["splits"].items()}
         idx = ShardIndex(d, str(raw["tokenizer"]), int(raw["vocab_size"]), str(raw["dtype"]),
-                         None if raw["eos_id"] is None else int(raw["eos_id"]), str(raw["sources"]), splits)
+                         None if raw["eos_id"] is None else int(raw["eos_id"]), str(raw["sources"]), splits,
+                         str(raw.get("layout", "shards")))
         itemsize = np.dtype(idx.dtype).itemsize
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise _corrupt(path, f"bad or missing field {e}") from None
@@ -155,21 +186,27 @@ def open_shards(shard_dir: str | Path, tokenizer: Tokenizer | None = None) -> Sh
 
 
 def _user_files(sources: Sequence[str | Path]) -> list[tuple[Path, str]]:
-    """(path, stable name) for every .txt/.jsonl source, folders expanded in sorted order."""
+    """(path, stable name) for every .txt/.jsonl/.parquet source and saved Hugging Face dataset folder,
+    other folders expanded in sorted order."""
     out = []
+    suffixes = TEXT_SUFFIXES + TABLE_SUFFIXES
     for src in sources:
         p = Path(src)
         if not p.exists():
             raise DataError(f"data source '{p}' not found; pass existing .txt/.jsonl files or folders, or 'embedded'")
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in (".txt", ".jsonl"))
+        if is_saved_dataset(p):
+            out.append((p, p.name))
+        elif p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in suffixes)
             if not found:
-                raise DataError(f"data source folder '{p}' holds no .txt or .jsonl files; add some or pass files")
+                raise DataError(f"data source folder '{p}' holds no .txt or .jsonl files (nor .parquet, nor is it a "
+                                "saved Hugging Face dataset); add some or pass files")
             out.extend((f, f"{p.name}/{f.relative_to(p).as_posix()}") for f in found)
-        elif p.suffix in (".txt", ".jsonl"):
+        elif p.suffix in suffixes:
             out.append((p, p.name))
         else:
-            raise DataError(f"data source '{p}' is not a .txt or .jsonl file; convert it or pass a folder of them")
+            raise DataError(f"data source '{p}' is not a .txt or .jsonl file (nor .parquet, nor a saved Hugging Face "
+                            "dataset folder); convert it or pass a folder of them")
     return out
 
 
@@ -216,11 +253,15 @@ def _txt_blocks(path: Path) -> Iterator[str]:
             yield "".join(block)
 
 
-def _iter_user_docs(files: list[tuple[Path, str]]) -> Iterator[tuple[str, Iterable[str]]]:
-    """(document name, its text in blocks): a .txt file is one document, a .jsonl line another."""
+def _iter_user_docs(files: list[tuple[Path, str]], text_column: str) -> Iterator[tuple[str, Iterable[str]]]:
+    """(document name, its text in blocks): a .txt file is one document, a .jsonl line or a
+    table row (.parquet, saved Hugging Face dataset: its `text_column`) another."""
     for path, name in files:
         if path.suffix == ".txt":
             yield name, _txt_blocks(path)
+            continue
+        if path.suffix != ".jsonl":
+            yield from ((f"{name}:{i}", (text,)) for i, text in enumerate(iter_texts(path, text_column)))
             continue
         with open(path, encoding="utf-8", errors="replace") as f:
             for lineno, line in enumerate(f, 1):
@@ -236,11 +277,18 @@ def _iter_user_docs(files: list[tuple[Path, str]]) -> Iterator[tuple[str, Iterab
                 yield f"{name}:{lineno}", (obj["text"],)
 
 
-def _sources_fingerprint(files: list[tuple[Path, str]], val_fraction: float) -> str:
+def _sources_fingerprint(files: list[tuple[Path, str]], val_fraction: float, text_column: str) -> str:
     h = hashlib.sha256(f"{val_fraction}".encode())
     for path, name in files:
-        st = path.stat()
-        h.update(f"{name}:{st.st_size}:{st.st_mtime_ns};".encode())
+        if path.is_dir():        # a saved Hugging Face dataset: every file in it
+            for f in sorted(f for f in path.rglob("*") if f.is_file()):
+                st = f.stat()
+                h.update(f"{name}/{f.relative_to(path).as_posix()}:{st.st_size}:{st.st_mtime_ns};".encode())
+        else:
+            st = path.stat()
+            h.update(f"{name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    if any(path.suffix not in TEXT_SUFFIXES for path, _ in files):
+        h.update(f"column={text_column}".encode())   # the column read from tables is part of what was prepared
     return f"files:{h.hexdigest()[:16]}"
 
 
@@ -282,8 +330,7 @@ class _SplitWriter:
 
 def _move_tail(directory: Path, dtype: np.dtype, src: SplitInfo, dst_split: str, n: int) -> SplitInfo:
     """Move the last `n` tokens of `src` into a new one-shard split (a corpus with too few documents)."""
-    stream = TokenStream([np.memmap(directory / f, dtype=dtype, mode="r", shape=(c,))
-                          for f, c in zip(src.files, src.tokens)])
+    stream = TokenStream(_shard_maps(directory, dtype, src))
     keep = len(stream) - n
     tail = stream.read(keep, n).astype(dtype)
     del stream  # release the maps before truncating their files
@@ -303,25 +350,49 @@ def _move_tail(directory: Path, dtype: np.dtype, src: SplitInfo, dst_split: str,
     return SplitInfo([name], [n], 1)
 
 
+_INDEXED_BLOCK = 1 << 24  # tokens read at a time when a split is rewritten in the indexed layout
+
+
+def _to_indexed(directory: Path, dtype: np.dtype, split: str, info: SplitInfo, eos_id: int,
+                out_dtype: np.dtype) -> SplitInfo:
+    """Rewrite a split's shards as one Megatron indexed dataset `split.bin/.idx` (documents end at eos)."""
+    stream = TokenStream(_shard_maps(directory, dtype, info))
+    n = len(stream)
+    blocks = (stream.read(i, min(_INDEXED_BLOCK, n - i)) for i in range(0, n, _INDEXED_BLOCK))
+    documents = write_indexed(directory / split, blocks, eos_id, out_dtype)
+    del stream, blocks
+    for f in info.files:
+        (directory / f).unlink()
+    return SplitInfo([f"{split}.bin"], [n], documents)
+
+
 def _write_index(idx: ShardIndex) -> None:
     write_json_atomic(idx.directory / INDEX_NAME, idx.to_json())
 
 
 def prepare_corpus(out_dir: str | Path, tokenizer: Tokenizer, sources: str | Path | Iterable[str | Path] = "embedded",
                    *, max_bytes: int = DEFAULT_MAX_BYTES, val_fraction: float = DEFAULT_VAL_FRACTION,
-                   shard_tokens: int = DEFAULT_SHARD_TOKENS, overwrite: bool = False) -> ShardIndex:
+                   shard_tokens: int = DEFAULT_SHARD_TOKENS, overwrite: bool = False, layout: str = "shards",
+                   text_column: str = "text", progress: bool = False) -> ShardIndex:
     """Tokenize `sources` into train/val shards under `out_dir`; reuse them when already there.
 
     sources: "embedded" (the stdlib corpus, `max_bytes` of it), or paths of .txt files (one
-    document each), .jsonl files (one document per line, field "text") and folders of them.
+    document each), .jsonl files (one document per line, field "text"), .parquet files and saved
+    Hugging Face dataset folders (one document per row, column `text_column`) and folders of them.
     Documents go to val by a hash of their name (~`val_fraction`); with too few documents the
-    last `val_fraction` of the tokens become val.
+    last `val_fraction` of the tokens become val. layout "indexed" writes each split as a
+    Megatron indexed dataset (see the module docstring); `progress` shows a bar on stderr.
     """
     out = Path(out_dir)
     if shard_tokens <= 0:
         raise DataError(f"shard_tokens={shard_tokens} must be positive")
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction={val_fraction} must be in [0, 1)")
+    if layout not in LAYOUTS:
+        raise DataError(f"layout={layout!r} is not known; use one of {', '.join(LAYOUTS)}")
+    if layout == "indexed" and tokenizer.eos_id is None:
+        raise DataError(f"the indexed format cuts documents at the end-of-text token, and tokenizer "
+                        f"'{tokenizer.fingerprint()}' has none; use --format shards or a tokenizer with one")
     embedded = isinstance(sources, str) and sources == "embedded"
     if embedded:
         sources_fp = embedded_fingerprint(max_bytes, val_fraction)
@@ -330,7 +401,7 @@ def prepare_corpus(out_dir: str | Path, tokenizer: Tokenizer, sources: str | Pat
         if not src_list:
             raise DataError("data sources: none given; pass 'embedded' or .txt/.jsonl paths")
         files = _user_files(src_list)
-        sources_fp = _sources_fingerprint(files, val_fraction)
+        sources_fp = _sources_fingerprint(files, val_fraction, text_column)
 
     if (out / INDEX_NAME).exists() and not overwrite:
         idx = open_shards(out)
@@ -341,13 +412,16 @@ def prepare_corpus(out_dir: str | Path, tokenizer: Tokenizer, sources: str | Pat
         if idx.sources != sources_fp:
             raise DataError(f"shards in '{out}' were made from other sources ({idx.sources}, now {sources_fp}); "
                             "use a new data directory or --overwrite (overwrite=True from Python)")
+        if idx.layout != layout:
+            raise DataError(f"data in '{out}' was prepared in the {idx.layout} layout, not {layout}; "
+                            "use a new data directory or --overwrite (overwrite=True from Python)")
         return idx
 
     out.mkdir(parents=True, exist_ok=True)
     (out / INDEX_NAME).unlink(missing_ok=True)  # no valid index until the rebuild is complete
     for split in SPLITS:
-        for old in out.glob(f"{split}_*.bin"):
-            old.unlink()
+        for old in [*out.glob(f"{split}_*.bin"), out / f"{split}.bin", out / f"{split}.idx"]:
+            old.unlink(missing_ok=True)
     dtype = token_dtype(tokenizer.vocab_size)
     writers = {s: _SplitWriter(out, s, dtype, shard_tokens) for s in SPLITS}
 
@@ -357,10 +431,12 @@ def prepare_corpus(out_dir: str | Path, tokenizer: Tokenizer, sources: str | Pat
         split_for = {d.name: s for s in SPLITS for d in corpus[s]}
     else:
         for path, _ in files:
-            _check_text(path)
-        docs = _iter_user_docs(files)
+            if path.suffix in TEXT_SUFFIXES:
+                _check_text(path)
+        docs = _iter_user_docs(files, text_column)
         split_for = None
     eos = np.array([tokenizer.eos_id], dtype=np.int64) if tokenizer.eos_id is not None else None
+    bar = tqdm(desc=f"prepare {out}", unit="tok", unit_scale=True, disable=not progress, file=sys.stderr)
     for name, blocks in docs:
         writer = writers[split_for[name] if split_for else split_of(name, val_fraction)]
         n = 0
@@ -372,10 +448,12 @@ def prepare_corpus(out_dir: str | Path, tokenizer: Tokenizer, sources: str | Pat
                 raise DataError(f"tokenizer produced ids outside [0, {tokenizer.vocab_size}) for '{name}'")
             writer.add(toks)
             n += len(toks)
+            bar.update(len(toks))
         if n:
             if eos is not None:
                 writer.add(eos)
             writer.info.documents += 1
+    bar.close()
     splits = {s: w.close() for s, w in writers.items()}
 
     total = sum(i.num_tokens for i in splits.values())
@@ -394,11 +472,16 @@ def prepare_corpus(out_dir: str | Path, tokenizer: Tokenizer, sources: str | Pat
         if val_fraction > 0 and total >= 2:
             splits["val"] = _move_tail(out, dtype, splits["train"], "val", max(1, math.ceil(val_fraction * total)))
 
+    if layout == "indexed":
+        out_dtype = index_dtype(tokenizer.vocab_size)
+        splits = {s: _to_indexed(out, dtype, s, info, tokenizer.eos_id, out_dtype) if info.num_tokens else info
+                  for s, info in splits.items()}
+        dtype = out_dtype
     idx = ShardIndex(out, tokenizer.fingerprint(), tokenizer.vocab_size, dtype.name, tokenizer.eos_id,
-                     sources_fp, splits)
+                     sources_fp, splits, layout)
     _write_index(idx)
     return idx
 
 
 __all__ = ["prepare_corpus", "open_shards", "ShardIndex", "SplitInfo", "TokenStream", "token_dtype",
-           "INDEX_NAME", "FORMAT", "DEFAULT_SHARD_TOKENS"]
+           "INDEX_NAME", "FORMAT", "DEFAULT_SHARD_TOKENS", "LAYOUTS"]

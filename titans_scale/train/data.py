@@ -1,13 +1,22 @@
-"""The run's data: tokenizer, prepared shards, the train/val loaders and the recall mixture."""
+"""The run's data: tokenizer, prepared shards, the train/val loaders and the recall mixture.
+
+A batch is (inputs, targets) [B, L] int64, or with data.pack (inputs, targets, cu_seqlens):
+cu_seqlens int32, the document starts in the flattened B * L tokens from 0 to B * L (every
+row start among them), and the targets whose token is the next document's first are IGNORE
+unless data.loss_across_docs (docs/data.md).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from titans_scale.config import RunConfig
+from titans_scale.data.blend import BlendLoader
 from titans_scale.data.loader import TokenLoader
+from titans_scale.data.packing import cu_seqlens
 from titans_scale.data.shards import prepare_corpus
 from titans_scale.data.synthetic import recall_batch
 from titans_scale.data.tokenizer import load_tokenizer
@@ -69,17 +78,42 @@ class RunData:
             raise ConfigError("data.recall_loss='answers' / data.corpus_loss_fraction < 1 need the single-process "
                               "trainer (the parallel runtime's vocab-parallel loss does not skip ignored targets); "
                               "use 'lm' and 1.0")
-        if rank == 0:
+        if d.pack and not d.loss_across_docs and (world_size > 1 or par.tp * par.pp * par.cp > 1):
+            raise ConfigError("data.pack ignores the target after each document's end, and the parallel runtime's "
+                              "vocab-parallel loss does not skip ignored targets yet; set data.loss_across_docs = true "
+                              "or train on one process")
+        if rank == 0 and not d.blend:         # a blend reads data prepared beforehand
             prepare_corpus(d.shard_dir, self.tokenizer, sources_of(d.source), max_bytes=d.max_bytes)
         if world_size > 1:
             torch.distributed.barrier()
-        self.train = TokenLoader(d.shard_dir, "train", d.seq_len, d.batch_size, seed=cfg.train.seed,
-                                 rank=rank, world_size=world_size, tokenizer=self.tokenizer)
         self.rank, self.world_size = rank, world_size
+        self.train = self._loader("train", cfg.train.seed)
         self.n_recall = self.recall.rows
 
-    def next_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs, targets = next(self.train)
+    def _loader(self, split: str, seed: int) -> TokenLoader | BlendLoader:
+        d = self.cfg.data
+        if d.blend:
+            return BlendLoader(d.blend, split, d.seq_len, d.batch_size, seed=seed, rank=self.rank,
+                               world_size=self.world_size, tokenizer=self.tokenizer)
+        return TokenLoader(d.shard_dir, split, d.seq_len, d.batch_size, seed=seed, rank=self.rank,
+                           world_size=self.world_size, tokenizer=self.tokenizer)
+
+    def _tensors(self, data: np.ndarray, begins: np.ndarray | None) -> tuple[torch.Tensor, ...]:
+        """Windows [B, L + 1] -> (inputs, targets), and with packing cu_seqlens and the boundary targets ignored."""
+        t = torch.from_numpy(data)
+        inputs, targets = t[:, :-1].contiguous(), t[:, 1:].contiguous()
+        if begins is None:
+            return inputs, targets
+        b = torch.from_numpy(begins)
+        if not self.cfg.data.loss_across_docs:       # the target here is the next document's first token
+            targets = targets.masked_fill(b[:, 1:], IGNORE)
+        return inputs, targets, cu_seqlens(b[:, :-1])
+
+    def next_batch(self, step: int) -> tuple[torch.Tensor, ...]:
+        data, begins = self.train.rows(begins=self.cfg.data.pack)
+        if begins is not None and self.n_recall:
+            begins[-self.n_recall:] = False            # a recall row is one document
+        inputs, targets, *packed = self._tensors(data, begins)
         if self.n_recall:          # replace the last rows with recall samples (seeded by step, rank)
             r = self.recall
             ri, rt, mask = recall_batch(self.tokenizer, r.rows, self.cfg.data.seq_len,
@@ -95,24 +129,20 @@ class RunData:
             drop = torch.rand(rows, targets.shape[1], generator=g) >= self.recall.corpus_loss
             targets = targets.clone()
             targets[:rows] = targets[:rows].masked_fill(drop, IGNORE)
-        return inputs, targets
+        return (inputs, targets, *packed)
 
     def unigram_entropy(self, max_tokens: int = 1 << 24) -> float:
         """Cross-entropy (nats/token) of the best context-free model of the train split: the
         baseline a language model must beat to have learned anything beyond token counts."""
-        import numpy as np
-        stream = self.train._stream
-        n = min(len(stream), max_tokens)
-        counts = np.bincount(stream.read(0, n), minlength=self.tokenizer.vocab_size).astype(np.float64)
-        p = counts[counts > 0] / n
+        tokens = self.train.head(max_tokens)
+        counts = np.bincount(tokens, minlength=self.tokenizer.vocab_size).astype(np.float64)
+        p = counts[counts > 0] / len(tokens)
         return float(-(p * np.log(p)).sum())
 
-    def val_loader(self, batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """A fixed set of validation batches (same for every evaluation of a run)."""
-        d = self.cfg.data
-        val = TokenLoader(d.shard_dir, "val", d.seq_len, d.batch_size, seed=0, rank=self.rank,
-                          world_size=self.world_size, tokenizer=self.tokenizer)
-        return [next(val) for _ in range(batches)]
+    def val_loader(self, batches: int) -> list[tuple[torch.Tensor, ...]]:
+        """A fixed set of validation batches (same for every evaluation of a run), packed like the train ones."""
+        val = self._loader("val", seed=0)
+        return [self._tensors(*val.rows(begins=self.cfg.data.pack)) for _ in range(batches)]
 
     def state_dict(self) -> dict:
         return self.train.state_dict()
