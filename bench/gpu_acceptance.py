@@ -20,7 +20,7 @@ Sections (each isolated: a failure is recorded with its traceback and the others
                resumes it and gives step 3's loss again
   throughput   the memory layer and the whole small model (forward + backward + AdamW): tokens/s
                and MFU against the device's bf16 peak (train.hardware.peak_flops) at 4k-64k tokens
-               (--cpu: 256 and 512 tokens, fp32, MFU against the measured fp32 matmul rate)
+               (--cpu: 128 and 256 tokens, fp32, MFU against the measured fp32 matmul rate)
 
 Writes bench/results/gpu_acceptance[_cpu].json (or --out) and prints each section's verdict.
 The report's "pass" is true when every section passed or was skipped with a reason.
@@ -158,7 +158,11 @@ def memory_op() -> dict:
                  for L in (5 * C // 2,)]
     rows = []
     for depth, d, C, dt, L, impl in cases:
-        rows.append(_compare_scan(memory_scan, dev, depth, d, C, dt, L, impl))
+        try:
+            rows.append(_compare_scan(memory_scan, dev, depth, d, C, dt, L, impl))
+        except Exception as e:      # one shape the kernels refuse must not hide the others
+            rows.append({"impl": impl, "depth": depth, "d": d, "C": C, "L": L, "dtype": str(dt), "pass": False,
+                         "error": f"{type(e).__name__}: {e}"})
     out = {"pass": all(r["pass"] for r in rows), "cases": rows}
     if CPU_MODE and not INTERPRETED:
         out["triton_skipped"] = "TRITON_INTERPRET=1 was not in effect when triton was imported"
@@ -268,7 +272,7 @@ def throughput() -> dict:
     dev = _device()
     peak, what = peak_flops(dev)
     dtype = None if CPU_MODE else torch.bfloat16
-    lengths = (256, 512) if CPU_MODE else (4096, 16384, 65536)
+    lengths = (128, 256) if CPU_MODE else (4096, 16384, 65536)
     cfg = _run_config("small")
     rows = []
     for L in lengths:
@@ -295,7 +299,7 @@ def throughput() -> dict:
                         F.cross_entropy(logits.float().flatten(0, 1), tok[0, 1:]).backward()
                         opt.step()
                         opt.zero_grad(set_to_none=True)
-                sec = _timed(step, dev, dtype)
+                sec = _timed(step, dev, dtype, repeats=1 if CPU_MODE else 3)
                 row.update(tokens_per_s=L / sec, mfu=fpt * L / sec / peak, seconds=sec)
             except torch.cuda.OutOfMemoryError as e:
                 row["error"] = f"out of memory: {str(e).splitlines()[0]}"
@@ -311,7 +315,7 @@ def throughput() -> dict:
             "autocast": "bf16" if dtype else "fp32", "rows": rows}
 
 
-def _timed(step, dev, dtype, repeats: int = 3) -> float:
+def _timed(step, dev, dtype, repeats: int) -> float:
     def run():
         with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
             step()
