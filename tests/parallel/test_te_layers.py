@@ -125,6 +125,7 @@ def _build_with_fake_te() -> dict:
     (chunk,) = build_mod.build_chunks(cfg, plan_layout(cfg, 1))
     kinds = {name: type(m).__name__ for name, m in chunk.named_modules()
              if isinstance(m, (ColumnParallelLinear, RowParallelLinear))}
+    through_layer = {getattr(m, "q_rows_from_layer", None) for m in chunk.modules() if hasattr(m, "q_input")}
     x = torch.randint(0, 259, (2, 33), generator=torch.Generator().manual_seed(0))
     torch.manual_seed(cfg.train.seed)
     model = TitansLM(cfg.model)
@@ -132,7 +133,7 @@ def _build_with_fake_te() -> dict:
         got = chunk(x[:, :-1], x[:, 1:])                     # per-token losses [L, B]
         logits, _ = model(x[:, :-1])
         want = F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none").t()
-    return {"kinds": kinds, "losses": got, "want": want}
+    return {"kinds": kinds, "losses": got, "want": want, "through_layer": through_layer}
 
 
 def test_the_swap_builds_te_layers_for_the_fp8_projections_only():
@@ -142,5 +143,30 @@ def test_the_swap_builds_te_layers_for_the_fp8_projections_only():
     assert te and all(n.endswith(("qkv", "out", "out_gate", "w_gate", "w_up", "w_down")) for n in te), kinds
     assert {n for n in kinds if n.endswith(("gates", "head"))} <= set(kinds) - te, kinds
     assert any(n.endswith("memory.gates") for n in kinds), kinds
-    # the TE layers hold the single-device weights: the chunk computes the model's losses
+    assert out["through_layer"] == {True}, "MAC's q-only read should run through the TE layer"
+    # the TE layers hold the single-device weights: the chunk computes the model's losses (MAC's
+    # q-only read included, through the whole layer)
     torch.testing.assert_close(out["losses"], out["want"], rtol=1e-5, atol=1e-5)
+
+
+def test_q_only_read_through_the_layer_equals_the_row_subset():
+    """MAC's q-only memory read: through the whole qkv layer (TE) or on its q rows, the same q,
+    conv cache and input gradient; only the first calls the layer."""
+    from titans_scale.model import ModelConfig
+    from titans_scale.model.memory import NeuralMemory
+
+    torch.manual_seed(0)
+    mem = NeuralMemory(ModelConfig(d_model=32, n_heads=2, mem_heads=2, chunk_size=8))
+    calls = []
+    mem.qkv.register_forward_hook(lambda *a: calls.append(1))
+    x = torch.randn(2, 12, 32)
+    outs = []
+    for through in (False, True):
+        mem.q_rows_from_layer = through
+        xi = x.clone().requires_grad_(True)
+        (q,), cache = mem.project(xi, None, parts=1)
+        q.pow(2).sum().backward()
+        outs.append((q, cache, xi.grad))
+    assert len(calls) == 1
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

@@ -221,6 +221,8 @@ def _parallelize_memory(mem: NeuralMemory, config) -> None:
     mem.out_gate = column_from(mem.out_gate, config)
     mem.out = row_from(mem.out, config)
     mem.q_input = TPEntry()
+    # TE's layers run on all their rows: MAC's q-only read goes through the layer (and FP8)
+    mem.q_rows_from_layer = config.transformer_impl == "transformer_engine"
 
 
 def _parallelize_ffn(ffn: SwiGLU, config) -> None:
