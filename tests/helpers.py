@@ -353,24 +353,49 @@ def spawn_layouts(nproc: int, layouts: dict[str, dict], then=None, *args) -> lis
     return run_distributed(train_layouts, nproc, layouts, then, *args, backend=None, timeout_s=900)
 
 
-def check_parity(result: dict, ref_losses: list[float], ref_grads: dict[str, torch.Tensor]) -> None:
+def check_parity(result: dict, ref_losses: list[float], ref_grads: dict[str, torch.Tensor],
+                 rtol: float = RTOL) -> None:
     name = result["describe"]
     for step, (got, want) in enumerate(zip(result["losses"], ref_losses), start=1):
-        assert abs(got - want) <= RTOL * abs(want), f"{name}: step {step} loss {got} != {want}"
+        assert abs(got - want) <= rtol * abs(want), f"{name}: step {step} loss {got} != {want}"
     assert set(result["grads"]) == set(ref_grads), \
         f"{name}: gathered {sorted(set(result['grads']) ^ set(ref_grads))}"
     for key, want in ref_grads.items():
         got = result["grads"][key]
         assert got.shape == want.shape, f"{name}: grad {key} has shape {tuple(got.shape)}"
         err = (got - want).abs().max().item()
-        assert err <= RTOL * want.abs().max().item() + 1e-12, \
+        assert err <= rtol * want.abs().max().item() + 1e-12, \
             f"{name}: step-1 grad of {key} off by {err:.3e} (max |grad| {want.abs().max().item():.3e})"
 
 
-def check_every_rank(runs: list[dict], layout: str, ref) -> None:
+def check_every_rank(runs: list[dict], layout: str, ref, rtol: float = RTOL) -> None:
     """check_parity of `layout` on every rank's results."""
     for rank_result in runs:
-        check_parity(rank_result[layout], *ref)
+        check_parity(rank_result[layout], *ref, rtol=rtol)
+
+
+# -- the GPU suite (tests/gpu/, `pytest -m gpu`): the CUDA forms of the parallel tests -------------
+
+# tests/conftest.py points DeepSpeed at its CPU accelerator; spawned GPU ranks want CUDA's.
+GPU_ENV = {"DS_ACCELERATOR": "cuda"}
+# GPU layouts against the one-process CPU reference: fp32 everywhere (TF32 off, torch's default for
+# matmuls), but CUDA's reductions and the memory op's Triton path sum in another order than the
+# CPU, so the CPU suite's 1e-5 is loosened.
+GPU_RTOL = 1e-4
+
+
+def needs_gpus(n: int) -> list:
+    """Marks of a GPU-suite test: `gpu`, and skipped with the reason below n CUDA devices."""
+    have = torch.cuda.device_count()
+    return [pytest.mark.gpu,
+            pytest.mark.skipif(have < n, reason=f"GPU suite: needs {n} CUDA device(s), this machine has {have}")]
+
+
+def spawn_gpu_layouts(nproc: int, layouts: dict[str, dict], then=None, *args) -> list[dict]:
+    """spawn_layouts on `nproc` GPUs: NCCL ranks (train.device 'auto' picks cuda:LOCAL_RANK)."""
+    from titans_scale.parallel.launch_utils import run_distributed
+
+    return run_distributed(train_layouts, nproc, layouts, then, *args, backend=None, timeout_s=900, env=GPU_ENV)
 
 
 # -- conversion: a tiny model with every memory mixer and its training checkpoint -----------------

@@ -69,6 +69,7 @@ def test_four_nodes_eight_gpus_tp8_pp2_dp2(capsys, tmp_path):
         "#SBATCH --ntasks-per-node=1",
         "#SBATCH --gpus-per-node=8",
         "#SBATCH --cpus-per-task=64",
+        "#SBATCH --mem=0",
         "#SBATCH --partition=gpu",
         "#SBATCH --account=proj",
         "#SBATCH --qos=high",

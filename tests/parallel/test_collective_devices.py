@@ -1,6 +1,7 @@
 """With an NCCL process group every tensor handed to a collective lives on the CUDA device
 (titans_scale.device.collective_device): the runtime's preemption flag and loss mean, context
-parallelism's transfers (tokens, shard lengths, the ring's shape headers), the TP gather.
+parallelism's transfers (tokens, shard lengths, the ring's shape headers), the TP gather, and
+FP8's amax reduction. (The megatron engine's own collectives under nccl: test_runtime_fake_cuda.py.)
 
 No GPU here: the collectives are intercepted (they record the device of what they are handed
 and move nothing), the group's backend answers 'nccl', and tensors are FakeTensorMode's, which
@@ -22,7 +23,7 @@ def build_dir(tmp_path_factory):
     return guard_source_dir(tmp_path_factory)
 
 
-@pytest.mark.parametrize("check", ["runtime", "context_parallel", "tensor_parallel_gather"])
+@pytest.mark.parametrize("check", ["runtime", "context_parallel", "tensor_parallel_gather", "fp8_amax"])
 def test_collectives_get_cuda_tensors_under_nccl(build_dir, check):
     assert run_child(__file__, check, build_dir) == "all on cuda:0"
 
@@ -34,13 +35,14 @@ def _child(check: str, build_dir: str) -> None:
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
     from tests.helpers import CUDA, Values, load_guard
     from titans_scale.parallel import gather
     from titans_scale.parallel.context.comm import CPComm
     from titans_scale.parallel.context.ring import ring_apply
     from titans_scale.parallel.runtime import ParallelRuntime
+    from titans_scale.precision import convert_linears_to_fp8, fp8_autocast
 
     load_guard(build_dir)
     handed: list[tuple[str, torch.device]] = []
@@ -73,6 +75,18 @@ def _child(check: str, build_dir: str) -> None:
         setattr(ps, name, lambda *a, **k: None)
     ps.get_tensor_model_parallel_rank = lambda: 0
 
+    class Reads(Values):
+        """`.item()` gives these numbers in turn."""
+
+        def __init__(self, values):
+            super().__init__()
+            self.values = iter(values)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                return next(self.values)
+            return super().__torch_dispatch__(func, types, args, kwargs)
+
     with FakeTensorMode(allow_non_fake_inputs=True), Values():
         if check == "runtime":
             rt = ParallelRuntime.__new__(ParallelRuntime)      # only its collective parts and batches
@@ -96,6 +110,15 @@ def _child(check: str, build_dir: str) -> None:
                 ring_apply(lambda xs, sts: (xs, sts), [x], [torch.zeros(4, 3, 3, device=CUDA)], CPComm(),
                            micro_batches=2)
             expected = {"all_gather_single", "isend", "irecv"}
+        elif check == "fp8_amax":                                # FP8 scales agreed over TP x DP
+            with unset_fake_temporarily():
+                layers = torch.nn.Sequential(torch.nn.Linear(16, 16))
+                convert_linears_to_fp8(layers)
+            layers = layers.to(CUDA)
+            # the layer-count probe reads (count, -count) back: fake tensors have no values
+            with Reads([1, -1]), fp8_autocast(True, amax_reduction_group=object()):
+                layers(torch.zeros(8, 16, device=CUDA))         # backward needs a real GPU
+            expected = {"all_reduce"}
         else:
             shard = torch.zeros(4, 8)                            # gather_full copies to the host first
             assert gather._all_gather_tp(shard, dim=0).shape == (8, 8)

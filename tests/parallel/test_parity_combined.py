@@ -14,7 +14,7 @@ import torch
 from tests.helpers import check_every_rank, spawn_layouts
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
-                                reason="CPU/gloo parity runs; CUDA machines run the GPU suite")
+                                reason="CPU/gloo parity runs; on CUDA: tests/gpu/test_parity_4gpu.py (pytest -m gpu)")
 
 LAYOUTS = {
     "tp2_pp2": dict(tp=2, pp=2, micro=2),

@@ -22,7 +22,7 @@ from tests.helpers import (ALL_MIXERS, ROOT, SHORT_TRAIN, check_parity, losses, 
                            run_command, spawn_layouts, torchrun, write_config)
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
-                                reason="CPU/gloo parity runs; CUDA machines run the GPU suite")
+                                reason="CPU/gloo parity runs; on CUDA: tests/gpu/test_parity_gpu.py (pytest -m gpu)")
 
 MAG = ("mag", "mag")
 LAYOUTS = {

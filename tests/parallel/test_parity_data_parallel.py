@@ -20,7 +20,7 @@ import torch
 from tests.helpers import batches, check_every_rank, make_cfg, spawn_layouts
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
-                                reason="CPU/gloo parity runs; CUDA machines run the GPU suite")
+                                reason="CPU/gloo parity runs; on CUDA: tests/gpu/test_parity_gpu.py (pytest -m gpu)")
 
 LAYOUTS = {
     "dp2_megatron": dict(dp=2),

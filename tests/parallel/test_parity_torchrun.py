@@ -15,7 +15,8 @@ import torch
 from tests.helpers import losses, micro_config, start_from, torchrun_train, write_config
 
 pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(torch.cuda.is_available(), reason="CPU/gloo run; CUDA machines run the GPU suite")]
+              pytest.mark.skipif(torch.cuda.is_available(),
+                                 reason="CPU/gloo run; on CUDA: tests/gpu/test_parity_gpu.py (pytest -m gpu)")]
 
 DP4 = ["parallel.tp=1", "parallel.pp=1", "parallel.microbatches=1", "data.batch_size=1"]
 REL = 1e-5       # fp32 sums in another order (TP and PP vs DP reductions): equal to rounding

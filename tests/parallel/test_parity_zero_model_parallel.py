@@ -15,7 +15,7 @@ from tests.helpers import check_every_rank, spawn_layouts
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(torch.cuda.is_available(),
-                                 reason="CPU/gloo parity runs; CUDA machines run the GPU suite")]
+                                 reason="CPU/gloo parity runs; on CUDA: tests/gpu/test_parity_4gpu.py (pytest -m gpu)")]
 
 LAYOUTS = {
     "tp2_dp2_zero2": dict(tp=2, dp=2, engine="deepspeed", zero=2),

@@ -131,7 +131,7 @@ def cmd_slurm_submit(args) -> int:
         grid=grid, job_name=args.job_name or f"titans-{run_dir.name}", run_dir=str(run_dir),
         workdir=str(Path.cwd()), config=str(config_path), python=sys.executable,
         partition=args.partition, account=args.account, qos=args.qos, time=args.time,
-        cpus_per_task=args.cpus_per_task, threads_per_rank=args.threads_per_rank,
+        cpus_per_task=args.cpus_per_task, mem=args.mem, threads_per_rank=args.threads_per_rank,
         signal_lead_s=args.signal_lead, requeue=not args.no_requeue, sbatch_args=args.sbatch_arg,
         sweep=sweep, array_limit=args.array_limit)
     script = render_sbatch(job)
@@ -189,12 +189,14 @@ def add_launch_commands(sub) -> None:
     s.add_argument("--job-name", help="default: titans-<run folder name>")
     s.add_argument("--cpus-per-task", type=int, default=None,
                    help="CPUs of the per-node task (default: ranks per node x threads per rank)")
+    s.add_argument("--mem", help="memory per node, e.g. 64G (sbatch --mem; default: 0, the node's "
+                   "memory, with --gpus-per-node; Slurm's default for CPU ranks)")
     s.add_argument("--threads-per-rank", type=int, default=1)
     s.add_argument("--signal-lead", type=int, default=120,
                    help="seconds before the time limit at which SIGUSR1 asks the run to checkpoint")
     s.add_argument("--no-requeue", action="store_true", help="no --signal/--requeue: a preempted job ends")
     s.add_argument("--sbatch-arg", action="append", default=[], metavar="OPTION",
-                   help="extra #SBATCH option, e.g. --sbatch-arg=--mem=0 (repeatable)")
+                   help="extra #SBATCH option, e.g. --sbatch-arg=--exclusive (repeatable)")
     s.add_argument("--sweep", help="job array: a file with one line of overrides per array task")
     s.add_argument("--array-limit", type=int, default=None, help="at most this many array tasks at once")
     s.add_argument("--dry-run", action="store_true", help="print the script; write and submit nothing")

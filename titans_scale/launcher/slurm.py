@@ -54,10 +54,11 @@ class SlurmJob:
     qos: str | None = None
     time: str | None = None
     cpus_per_task: int | None = None      # None: ranks per node x threads per rank
+    mem: str | None = None                # --mem per node; None: 0 (the node's memory) on GPUs, Slurm's default on CPUs
     threads_per_rank: int = 1
     signal_lead_s: int = 120              # SIGUSR1 this long before the time limit
     requeue: bool = True
-    sbatch_args: list[str] = field(default_factory=list)  # extra options, e.g. "--mem=0"
+    sbatch_args: list[str] = field(default_factory=list)  # extra options, e.g. "--exclusive"
     sweep: list[SweepPoint] = field(default_factory=list)  # non-empty: a job array
     array_limit: int | None = None        # at most this many array tasks at once
 
@@ -133,6 +134,22 @@ def _cpus(job: SlurmJob) -> int:
     return job.cpus_per_task or job.grid.nproc_per_node * job.threads_per_rank
 
 
+_MEM = re.compile(r"\d+[KMGT]?")
+
+
+def _mem(job: SlurmJob) -> str | None:
+    """The job's --mem: given, or 0 (all of each node's memory) for GPU jobs, whose ranks each
+    hold a host copy of the model and pinned batches (Slurm's per-CPU default is often a few GB)."""
+    given = any(a.split("=")[0] == "--mem" for a in job.sbatch_args)
+    if job.mem is not None:
+        if not _MEM.fullmatch(job.mem):
+            raise ConfigError(f"--mem {job.mem!r}: a size per node such as 64G, 200000 (MB) or 0 (the node's memory)")
+        if given:
+            raise ConfigError("--mem is given twice (--mem and --sbatch-arg=--mem=...); keep one")
+        return job.mem
+    return "0" if job.grid.gpu and not given else None
+
+
 def _directives(job: SlurmJob) -> list[str]:
     grid = job.grid
     cpus = _cpus(job)
@@ -141,6 +158,9 @@ def _directives(job: SlurmJob) -> list[str]:
     if grid.gpu:
         d.append(directive("--gpus-per-node", grid.nproc_per_node))
     d.append(directive("--cpus-per-task", cpus))
+    mem = _mem(job)
+    if mem is not None:
+        d.append(directive("--mem", mem))
     for opt, val in (("--partition", job.partition), ("--account", job.account),
                      ("--qos", job.qos), ("--time", job.time)):
         if val:

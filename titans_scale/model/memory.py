@@ -71,6 +71,10 @@ class NeuralMemory(nn.Module):
         # Input of MAC's q-only read, which uses self.qkv's weight directly: identity here;
         # tensor parallelism puts megatron's TP-region entry in its place (parallel/tensor_parallel.py).
         self.q_input = nn.Identity()
+        # That read takes the q rows of qkv's weight (a third of the GEMM). A layer that cannot run
+        # on a subset of its rows (Transformer Engine's, parallel/tensor_parallel.py) sets this: the
+        # read then runs the whole layer and keeps its q rows (the same numbers, 3x the GEMM).
+        self.q_rows_from_layer = False
         # The memory op (the update and retrieval of Eqs. 13-15) is a seam: None runs memory_scan;
         # context parallelism puts one here that runs on a rank's shard of the sequence.
         self.scan_fn = None
@@ -99,10 +103,13 @@ class NeuralMemory(nn.Module):
         else:                     # MAC's q-only read: the q rows of the projection and conv
             w, cw, cb = self.qkv.weight, self.conv.weight, self.conv.bias
             H = w.shape[0] // (3 * d)
-            w = w.view(H, 3, d, -1)[:, :parts].reshape(H * parts * d, -1)
             cw = cw.view(H, 3, d, -1)[:, :parts].reshape(H * parts * d, -1)
             cb = cb.view(H, 3, d)[:, :parts].reshape(-1)
-            h, cache = self.conv(F.linear(self.q_input(x), w), cache, cw, cb)
+            if self.q_rows_from_layer:    # the layer enters its TP region itself: no q_input
+                h = self.qkv(x).view(B, L, H, 3, d)[:, :, :, :parts].reshape(B, L, H * parts * d)
+            else:
+                h = F.linear(self.q_input(x), w.view(H, 3, d, -1)[:, :parts].reshape(H * parts * d, -1))
+            h, cache = self.conv(h, cache, cw, cb)
         # unbind, not indexing: its backward writes one contiguous gradient, not `parts` zero-filled ones
         h = [x.transpose(1, 2) for x in F.silu(h).view(B, L, -1, parts, d).unbind(3)]   # [B, H, L, d] each
         out = [F.normalize(x, dim=-1) for x in h[:2]] + h[2:]    # q, k normalised; v as is

@@ -21,15 +21,31 @@ from titans_scale.model import TitansLM
 from titans_scale.parallel.layout import Layout, padded_vocab_size
 from titans_scale.parallel.pipeline import chunk_layer_ids
 from titans_scale.parallel.stage import TitansStage
+from titans_scale.parallel.tensor_parallel import linear_impl
+from titans_scale.precision.apply import recipe_from
+from titans_scale.precision.select import HardwareProbe, probe_hardware, resolve_precision, te_unavailable
+from titans_scale.precision.te_backend import megatron_fp8_config_kwargs
 
 __all__ = ["build_chunks", "megatron_config"]
 
 
-def megatron_config(cfg: RunConfig, layout: Layout) -> TransformerConfig:
-    """The config megatron's layers and schedules read: sizes, pipeline dtype and p2p mode."""
+def megatron_config(cfg: RunConfig, layout: Layout, probe: HardwareProbe | None = None) -> TransformerConfig:
+    """The config megatron's layers and schedules read: sizes, pipeline dtype and p2p mode, and
+    the layer family (transformer_impl: TE's under fp8.backend resolving to TE, with its recipe).
+    probe: the machine (tests pass a fake one; None probes it when FP8 is asked for)."""
     m = cfg.model
     heads = m.n_heads if m.n_heads % layout.tp == 0 else layout.tp   # read only for checks
+    fp8: dict = {}
+    impl = "local"
+    if cfg.train.precision == "fp8":
+        hw = probe if probe is not None else probe_hardware()
+        plan = resolve_precision(cfg.train.precision, cfg.fp8.backend, probe=hw)
+        impl = linear_impl(plan.fp8_backend, te_unavailable(hw))
+        if impl == "transformer_engine":
+            fp8 = megatron_fp8_config_kwargs(recipe_from(cfg))
     return TransformerConfig(
+        transformer_impl=impl,
+        **fp8,
         num_layers=len(m.layers),
         hidden_size=m.d_model,
         num_attention_heads=heads,

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from titans_scale.config import RunConfig
 from titans_scale.model.config import ATTENTION_MIXERS, MEMORY_MIXERS
 from titans_scale.parallel.state import ParallelConfigError
+from titans_scale.precision.select import te_unavailable
 
 __all__ = ["Layout", "plan_layout", "padded_vocab_size", "world_size_from_env"]
 
@@ -143,16 +144,16 @@ def plan_layout(cfg: RunConfig, world_size: int) -> Layout:
                 "chunk; use engine='megatron' for interleaved pipelines")
     elif p.engine != "megatron":
         bad(f"parallel.engine={p.engine!r}: choose 'megatron' or 'deepspeed'")
-    if cfg.train.precision == "fp8":     # emulated FP8 in megatron's TP layers (precision/fp8_tensor_parallel)
+    if cfg.train.precision == "fp8":     # FP8 in megatron's TP layers: emulated, or TE's layers
         if p.engine != "megatron":
             bad("train.precision='fp8' with parallel.engine='deepspeed' is not supported; use "
                 "parallel.engine='megatron' or train.precision='bf16'")
         if p.cp > 1:
             bad(f"train.precision='fp8' with parallel.cp={p.cp} is not supported yet; set parallel.cp=1 "
                 "or train.precision='bf16'")
-        if cfg.fp8.backend == "te":
-            bad("fp8.backend='te' under a parallel layout: the megatron layers have only the emulated FP8 "
-                "path so far; set fp8.backend='emulated'")
+        if cfg.fp8.backend == "te" and (why := te_unavailable()):     # megatron's TE layers (tensor_parallel.py)
+            bad(f"fp8.backend='te' under a parallel layout needs Transformer Engine, which cannot run here "
+                f"({why}); set fp8.backend='emulated'")
     return Layout(world_size=world_size, tp=p.tp, pp=p.pp, cp=p.cp, dp=dp, vpp=p.vpp,
                   sequence_parallel=bool(p.sequence_parallel), engine=p.engine, zero_stage=p.zero_stage,
                   microbatches=p.microbatches, micro_batch_size=d.batch_size // p.microbatches)

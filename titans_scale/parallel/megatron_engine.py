@@ -23,6 +23,13 @@ from titans_scale.parallel.layout import Layout
 __all__ = ["MegatronEngine"]
 
 
+def _torch_adam(opt) -> bool:
+    """Whether megatron's inner optimizer is torch's Adam(W), whose per-parameter 'step' the
+    patches below are about. With Transformer Engine (or Apex) importable megatron uses their
+    FusedAdam, which keeps 'step' in its param groups: those patches must not touch it."""
+    return opt.optimizer is not None and type(opt.optimizer).__module__.startswith("torch.optim")
+
+
 def _keep_step_on_load(opt) -> None:
     """megatron-core 0.16.1 with torch's AdamW (no Transformer Engine / Apex, so always on the CPU):
     loading a fully_reshardable checkpoint copies every key of the optimizer's per-parameter
@@ -71,7 +78,7 @@ class MegatronEngine:
         no_decay = ParamWithNamePredicate("titans_no_decay", lambda p, n: no_weight_decay(n, p))
         overrides = {ParamKey(with_name_predicate=no_decay): {"wd_mult": 0.0}}
         self.optimizer = get_megatron_optimizer(opt_config, self.chunks, config_overrides=overrides)
-        for opt in self._distributed_optimizers():
+        for opt in filter(_torch_adam, self._distributed_optimizers()):
             _keep_step_on_load(opt)
 
     def zero_grad(self) -> None:
@@ -126,12 +133,14 @@ class MegatronEngine:
     def _allocate_state(self) -> None:
         """A fresh optimizer has no Adam state, but the distributed optimizer's state_dict (which
         building the loading request calls) needs one: allocate zeros and step 0, as megatron's
-        init_state_fn does, plus torch's per-parameter step."""
+        init_state_fn does, plus torch's per-parameter step (TE's FusedAdam keeps none)."""
         for opt in self._distributed_optimizers():
             inner = opt.optimizer
             if inner is None or len(inner.state):
                 continue
             opt.init_state_fn(inner, opt.config)
+            if not _torch_adam(opt):
+                continue
             for group in inner.param_groups:
                 for p in group["params"]:
                     inner.state[p].setdefault("step", torch.tensor(0.0))
@@ -141,7 +150,7 @@ class MegatronEngine:
         # megatron restores torch AdamW's per-parameter 'step' as ONE tensor shared by every
         # parameter; torch's foreach Adam increments each list entry in place, so a shared step
         # would advance once per parameter per step. Give each parameter its own copy.
-        for opt in self._distributed_optimizers():
+        for opt in filter(_torch_adam, self._distributed_optimizers()):
             for st in opt.optimizer.state.values():
                 if torch.is_tensor(st.get("step")):
                     st["step"] = st["step"].clone()

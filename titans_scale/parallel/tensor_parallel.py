@@ -16,6 +16,10 @@ the same weights (torchtitan's parallelize pattern; the model's maths is untouch
   heads of its own: the memory update needs no communication (tests count it).
 * SwiGLU: ``w_gate`` / ``w_up`` column-parallel, ``w_down`` row-parallel.
 
+The layers are megatron-core's own (``transformer_impl='local'``), or, when FP8 runs through
+Transformer Engine (``'transformer_engine'``, chosen by ``linear_impl``), its TEColumnParallelLinear
+/ TERowParallelLinear for the FP8 projections (the memory gates stay megatron's, out of FP8).
+
 Activations between blocks are sequence-first, [L, B, D] as in Megatron. With sequence
 parallelism the residual stream and the norms hold L/tp tokens per rank: the SwiGLU's megatron
 layers all-gather / reduce-scatter along the sequence themselves (``seq_cfg`` has
@@ -30,6 +34,8 @@ Block's forward is the model's own: only its layers and seams change.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn as nn
 from megatron.core import parallel_state
@@ -42,15 +48,17 @@ from megatron.core.tensor_parallel import (
 )
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
+from titans_scale.errors import ConfigError
 from titans_scale.model.attention import Attention
 from titans_scale.model.layers import CausalDepthwiseConv, RMSNorm, SwiGLU
 from titans_scale.model.memory import NeuralMemory
 from titans_scale.model.titans import Block
 from titans_scale.ops.rmsnorm import rms_norm
+from titans_scale.precision.te_backend import megatron_te_linears
 
-__all__ = ["AutocastInput", "ColumnParallel", "MixerInput", "MixerOutput", "RowParallel", "TPEntry",
-           "TPSummedRMSNorm", "autocast_input", "column_from", "mark_tp", "tp_rank_size", "parallelize_block",
-           "row_from", "shard"]
+__all__ = ["AutocastInput", "ColumnParallel", "LinearImpl", "MixerInput", "MixerOutput", "RowParallel", "TPEntry",
+           "TPSummedRMSNorm", "autocast_input", "column_from", "linear_classes", "linear_impl", "mark_tp",
+           "tp_rank_size", "parallelize_block", "row_from", "shard"]
 
 
 def tp_rank_size() -> tuple[int, int]:
@@ -119,10 +127,56 @@ class TPSummedRMSNorm(RMSNorm):
         return new
 
 
-def column_from(dense: nn.Linear, config) -> ColumnParallel:
-    """A column-parallel layer holding this rank's rows of `dense` (and of its bias)."""
-    layer = ColumnParallel(dense.in_features, dense.out_features, config=config, init_method=_no_init,
-                           bias=dense.bias is not None, gather_output=False, skip_bias_add=False)
+# megatron's own names for its two layer families (TransformerConfig.transformer_impl)
+LinearImpl = Literal["local", "transformer_engine"]
+
+
+def linear_impl(fp8_backend: str | None, te_unavailable: str) -> LinearImpl:
+    """Which layers the swap builds: megatron-core's TE layers when FP8 runs through Transformer
+    Engine, its own Column/RowParallelLinear otherwise (the emulated FP8 GEMM is applied to those
+    later). fp8_backend: the resolved one (PrecisionPlan.fp8_backend); te_unavailable: why TE
+    cannot run here, '' when it can (precision.select.te_unavailable)."""
+    if fp8_backend != "te":
+        return "local"
+    if te_unavailable:
+        raise ConfigError(f"fp8.backend='te' under a parallel layout builds megatron-core's Transformer "
+                          f"Engine layers, which cannot run here: {te_unavailable}; set fp8.backend='emulated'")
+    return "transformer_engine"
+
+
+class _OutputOnly:
+    """Mixed in before a megatron TE linear: called like nn.Linear, returns the output only."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = super().forward(x)
+        return out
+
+
+_TE_CLASSES: dict[type, type] = {}
+
+
+def linear_classes(impl: LinearImpl) -> tuple[type, type]:
+    """(column class, row class) of `impl`; TE's are imported on demand (they need TE)."""
+    if impl == "local":
+        return ColumnParallel, RowParallel
+    column, row = megatron_te_linears()
+    for cls in (column, row):
+        if cls not in _TE_CLASSES:
+            _TE_CLASSES[cls] = type(cls.__name__, (_OutputOnly, cls), {"__module__": __name__})
+    return _TE_CLASSES[column], _TE_CLASSES[row]
+
+
+def _layer_args(impl: LinearImpl) -> dict:
+    return {"is_expert": False} if impl == "transformer_engine" else {}
+
+
+def column_from(dense: nn.Linear, config, fp8: bool = True) -> nn.Module:
+    """A column-parallel layer holding this rank's rows of `dense` (and of its bias), of the
+    family config.transformer_impl names (megatron's own when fp8 is False: a layer kept out of FP8)."""
+    impl = config.transformer_impl if fp8 else "local"
+    layer = linear_classes(impl)[0](dense.in_features, dense.out_features, config=config, init_method=_no_init,
+                                    bias=dense.bias is not None, gather_output=False, skip_bias_add=False,
+                                    **_layer_args(impl))
     with torch.no_grad():
         layer.weight.copy_(shard(dense.weight, 0))
         if dense.bias is not None:
@@ -133,12 +187,14 @@ def column_from(dense: nn.Linear, config) -> ColumnParallel:
     return layer
 
 
-def row_from(dense: nn.Linear, config) -> RowParallel:
-    """A row-parallel layer holding this rank's input columns of `dense` (no bias in Titans)."""
+def row_from(dense: nn.Linear, config) -> nn.Module:
+    """A row-parallel layer holding this rank's input columns of `dense` (no bias in Titans), of
+    the family config.transformer_impl names."""
     if dense.bias is not None:
         raise ValueError("row_from: Titans' output projections have no bias")
-    layer = RowParallel(dense.in_features, dense.out_features, config=config, init_method=_no_init,
-                        bias=False, input_is_parallel=True, skip_bias_add=False)
+    impl = config.transformer_impl
+    layer = linear_classes(impl)[1](dense.in_features, dense.out_features, config=config, init_method=_no_init,
+                                    bias=False, input_is_parallel=True, skip_bias_add=False, **_layer_args(impl))
     with torch.no_grad():
         layer.weight.copy_(shard(dense.weight, 1))
     mark_tp(layer.weight, 1)
@@ -160,7 +216,7 @@ def _parallelize_memory(mem: NeuralMemory, config) -> None:
     conv = CausalDepthwiseConv(mem.qkv.weight.shape[0], mem.conv.kernel)
     conv.weight, conv.bias = _head_param(mem.conv.weight, 0), _head_param(mem.conv.bias, 0)
     mem.conv = conv
-    mem.gates = column_from(mem.gates, config)
+    mem.gates = column_from(mem.gates, config, fp8=False)     # 3 outputs per head: kept out of FP8
     mem.init_weights = nn.ParameterList([_head_param(w, 0) for w in mem.init_weights])
     if mem.ln_weight is not None:                  # the normalised memory's [H, d] per-head affine
         mem.ln_weight, mem.ln_bias = _head_param(mem.ln_weight, 0), _head_param(mem.ln_bias, 0)
@@ -168,6 +224,8 @@ def _parallelize_memory(mem: NeuralMemory, config) -> None:
     mem.out_gate = column_from(mem.out_gate, config)
     mem.out = row_from(mem.out, config)
     mem.q_input = TPEntry()
+    # TE's layers run on all their rows: MAC's q-only read goes through the layer (and FP8)
+    mem.q_rows_from_layer = config.transformer_impl == "transformer_engine"
 
 
 def _parallelize_ffn(ffn: SwiGLU, config) -> None:

@@ -8,11 +8,10 @@ import contextlib
 import torch
 import torch.nn as nn
 
-from titans_scale.errors import ConfigError
 from titans_scale.precision.fp8_emulation import convert_linears_to_fp8, fp8_autocast
 from titans_scale.precision.recipe import Fp8Recipe
 from titans_scale.precision.select import PrecisionPlan, resolve_precision
-from titans_scale.precision.te_backend import convert_linears_to_te, te_fp8_autocast
+from titans_scale.precision.te_backend import convert_linears_to_te, te_fp8_autocast, te_layer_names, to_te_recipe
 
 # The large projections (docs/design.md section 7). Gates (3 outputs per head) are too small to
 # gain anything and need their precision; the memory state and update are never FP8.
@@ -36,9 +35,11 @@ class Precision:
     """Built once per run: converts the model's layers, then `with precision.autocast():`.
 
     model: the model, or a list of model chunks (the parallel runtime's, each converted with
-    its own names). tensor_parallel: also give megatron's Column/RowParallelLinear layers the
-    emulated FP8 GEMM (fp8_tensor_parallel.py); amax_group should then be megatron's amax
-    reduction group, so every rank uses the single-process scales.
+    its own names). tensor_parallel: the linears are megatron's Column/RowParallelLinear (every
+    parallel-runtime layout, TP=1 included): the emulated backend gives them its FP8 GEMM
+    (fp8_tensor_parallel.py); under TE the tensor-parallel swap already built megatron's TE
+    layers (parallel/tensor_parallel.py), run here inside TE's autocast. amax_group should then be
+    megatron's amax reduction group, so every rank uses the single-process scales.
     """
 
     def __init__(self, model, cfg, amax_group=None, tensor_parallel: bool = False):
@@ -50,17 +51,17 @@ class Precision:
         # head is a ColumnParallel reading the embedding, kept high precision the same way.
         keep = fp8_filter(cfg.fp8.include_head and not cfg.model.tie_embeddings)
         modules = list(model) if isinstance(model, (list, tuple)) else [model]
-        if tensor_parallel and self.plan.fp8_backend == "te":
-            raise ConfigError(
-                f"fp8.backend={cfg.fp8.backend!r} resolved to Transformer Engine ({self.plan.reason}), "
-                "which the parallel runtime's megatron layers do not use yet; set "
-                "fp8.backend='emulated' or train.precision='bf16'")
+        # TE's recipe object, built once (not at every autocast entry)
+        self.te_recipe = to_te_recipe(self.recipe) if self.plan.fp8_backend == "te" else None
         for m in modules:
             if self.plan.fp8_backend == "emulated":
                 self.converted += convert_linears_to_fp8(m, self.recipe, keep)
                 if tensor_parallel:
                     from titans_scale.precision.fp8_tensor_parallel import convert_tp_linears_to_fp8
                     self.converted += convert_tp_linears_to_fp8(m, self.recipe, keep)
+            elif self.plan.fp8_backend == "te" and tensor_parallel:
+                # the tensor-parallel swap built megatron's TE layers (parallel/tensor_parallel.py)
+                self.converted += te_layer_names(m)
             elif self.plan.fp8_backend == "te":   # builds new parameters: optimizer after this
                 self.converted += convert_linears_to_te(m, keep)
         # autocast where the model lives (train.device): CUDA's autocast over CPU tensors is a no-op
@@ -73,5 +74,5 @@ class Precision:
         if self.plan.fp8_backend == "emulated":
             stack.enter_context(fp8_autocast(True, self.recipe, self.amax_group))
         elif self.plan.fp8_backend == "te":
-            stack.enter_context(te_fp8_autocast(True, self.recipe, self.amax_group))
+            stack.enter_context(te_fp8_autocast(True, self.recipe, self.amax_group, te_recipe=self.te_recipe))
         return stack

@@ -62,6 +62,17 @@ def probe_hardware() -> HardwareProbe:
     return HardwareProbe(True, capability, te_ok, te_reason)  # type: ignore[arg-type]
 
 
+def te_unavailable(hw: HardwareProbe | None = None) -> str:
+    """Why Transformer Engine's FP8 cannot run on this machine ('' when it can)."""
+    hw = hw if hw is not None else probe_hardware()
+    capability = hw.capability or (0, 0)
+    if not hw.cuda:
+        return "no CUDA device"
+    if capability < MIN_FP8_CAPABILITY:
+        return f"compute capability {capability[0]}.{capability[1]} < 8.9"
+    return "" if hw.te_ok else hw.te_reason
+
+
 def resolve_precision(
     precision: str,
     fp8_backend: str = "auto",
@@ -135,4 +146,5 @@ __all__ = [
     "PrecisionPlan",
     "probe_hardware",
     "resolve_precision",
+    "te_unavailable",
 ]

@@ -114,11 +114,15 @@ def te_fp8_autocast(
     enabled: bool = True,
     recipe: Fp8Recipe | None = None,
     amax_reduction_group: Any = None,
+    *,
+    te_recipe: Any = None,
 ) -> Any:
     """TE's FP8 autocast context for `recipe` (same arguments as the emulated fp8_autocast).
-    TE reduces amaxes over amax_reduction_group and updates the forward scales on exit."""
+    TE reduces amaxes over amax_reduction_group and updates the forward scales on exit.
+    te_recipe: `to_te_recipe(recipe)` built once by the caller (else built here, each call)."""
     te = _import_te()
-    te_recipe = to_te_recipe(Fp8Recipe() if recipe is None else recipe)
+    if te_recipe is None:
+        te_recipe = to_te_recipe(Fp8Recipe() if recipe is None else recipe)
     autocast = getattr(te, "autocast", None)
     if autocast is not None and {"recipe", "amax_reduction_group"} <= set(
         inspect.signature(autocast).parameters
@@ -232,6 +236,27 @@ def megatron_fp8_config_kwargs(recipe: Fp8Recipe) -> dict[str, Any]:
     }
 
 
+def megatron_te_linears() -> tuple[type, type]:
+    """megatron-core's TEColumnParallelLinear and TERowParallelLinear (the tensor-parallel swap's
+    layers when FP8 runs through TE), or a ConfigError naming why they cannot be built."""
+    try:
+        from megatron.core.extensions import transformer_engine as mte  # noqa: PLC0415
+    except Exception as exc:  # megatron's TE extension failed beyond its own ImportError guard
+        why = f"megatron.core.extensions.transformer_engine failed to import ({exc})"
+    else:
+        if mte.HAVE_TE:
+            return mte.TEColumnParallelLinear, mte.TERowParallelLinear
+        why = "megatron-core found no importable transformer_engine (HAVE_TE is False)"
+    raise ConfigError(f"fp8.backend='te' under a parallel layout needs megatron-core's Transformer Engine "
+                      f"layers: {why}; set fp8.backend='emulated'")
+
+
+def te_layer_names(module: nn.Module) -> list[str]:
+    """The names of `module`'s Transformer Engine linears (te.Linear and megatron's TE layers)."""
+    te = _import_te()
+    return [name for name, m in module.named_modules() if isinstance(m, te.Linear)]
+
+
 def megatron_te_modules() -> dict[str, type]:
     """MEGATRON_TE_LAYER_SPEC resolved to classes (imports megatron's TE extension, so TE)."""
     _import_te()
@@ -248,10 +273,12 @@ __all__ = [
     "convert_linears_to_te",
     "make_te_linear",
     "megatron_fp8_config_kwargs",
+    "megatron_te_linears",
     "megatron_te_modules",
     "te_available",
     "te_fp8_autocast",
     "te_fp8_shape_problems",
     "te_fp8_supported",
+    "te_layer_names",
     "to_te_recipe",
 ]
