@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,13 +31,44 @@ def train_command(cfg: Path, nproc: int = 1) -> list[str]:
             "--config", str(cfg)]
 
 
-def kill_at(cfg: Path, point: str, step: int, nproc: int = 1) -> subprocess.CompletedProcess:
+class Launch:
+    """A training command in its own process group (torchrun, its ranks and whatever they spawn:
+    a rank killed -9 orphans its multiprocessing helpers, which would hold our pipes open), its
+    stderr in a file. Leaving the block kills whatever of the group is left."""
+
+    def __init__(self, cfg: Path, nproc: int = 1, env: dict | None = None):
+        self.err = tempfile.TemporaryFile()
+        self.p = subprocess.Popen(train_command(cfg, nproc), cwd=ROOT, env=env or ENV, stdout=subprocess.DEVNULL,
+                                  stderr=self.err, start_new_session=True)
+
+    def __enter__(self):
+        return self
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def wait(self, timeout: float = 900) -> int:
+        return self.p.wait(timeout)
+
+    def stderr(self) -> str:
+        self.err.seek(0)
+        return self.err.read().decode(errors="replace")[-4000:]
+
+    def __exit__(self, *exc):
+        self.kill()
+        self.p.wait()
+        self.err.close()
+
+
+def kill_at(cfg: Path, point: str, step: int, nproc: int = 1) -> None:
     """Train until the process reaches kill point `point` at `step` (io/commit.py) and SIGKILLs itself."""
-    r = subprocess.run(train_command(cfg, nproc), capture_output=True, text=True, cwd=ROOT, timeout=900,
-                       env={**ENV, "TITANS_TEST_KILL_AT": f"{point}:{step}"})
-    # one process: killed by the signal; torchrun: a worker died, the launcher fails
-    assert r.returncode == (KILLED if nproc == 1 else 1), f"{point}:{step}: exit {r.returncode}\n{r.stderr[-3000:]}"
-    return r
+    with Launch(cfg, nproc, {**ENV, "TITANS_TEST_KILL_AT": f"{point}:{step}"}) as run:
+        rc = run.wait()
+        # one process: killed by the signal; torchrun: a worker died, the launcher fails
+        assert rc == (KILLED if nproc == 1 else 1), f"{point}:{step}: exit {rc}\n{run.stderr()}"
 
 
 def complete_rows(run: Path, kind: str = "train") -> int:
@@ -49,23 +81,21 @@ def complete_rows(run: Path, kind: str = "train") -> int:
 def kill_after(cfg: Path, run: Path, rows: int, delay: float, nproc: int = 1) -> None:
     """Start training, SIGKILL it (its whole process group: torchrun and every rank) `delay`
     seconds after its `rows`-th train row: anywhere in a step, an eval or a checkpoint write."""
-    p = subprocess.Popen(train_command(cfg, nproc), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.time() + 600
-    while complete_rows(run) < rows and p.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    time.sleep(delay)
-    alive = p.poll() is None
-    if alive:
-        os.killpg(p.pid, signal.SIGKILL)
-    err = p.communicate()[1].decode(errors="replace")
-    assert alive, f"the run ended before it could be killed (exit {p.returncode}):\n{err[-3000:]}"
+    with Launch(cfg, nproc) as launch:
+        deadline = time.time() + 600
+        while complete_rows(run) < rows and launch.p.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        time.sleep(delay)
+        alive = launch.p.poll() is None
+        launch.kill()
+        assert alive, f"the run ended before it could be killed (exit {launch.p.returncode}):\n{launch.stderr()}"
 
 
 def train(cfg: Path, nproc: int = 1) -> None:
     """Train (or resume) the run of `cfg` to its end."""
-    r = subprocess.run(train_command(cfg, nproc), capture_output=True, text=True, cwd=ROOT, timeout=900, env=ENV)
-    assert r.returncode == 0, f"training failed: exit {r.returncode}\n{r.stderr[-4000:]}"
+    with Launch(cfg, nproc) as run:
+        rc = run.wait()
+        assert rc == 0, f"training failed: exit {rc}\n{run.stderr()}"
 
 
 def assert_same_run(run: Path, ref: Path) -> None:

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from titans_scale.config import RunConfig
 from titans_scale.config_io import save_config
@@ -115,7 +116,10 @@ class Trainer:
         for attempt in range(1, tries + 1):
             try:
                 return self.engine.save(self.step, self.trainer_state())
-            except OSError as e:
+            except (OSError, CheckpointException) as failure:
+                e = _os_error(failure)
+                if e is None:           # not a failed write: a bug, with its traceback
+                    raise
                 if attempt < tries:
                     log.warning("checkpoint at step %d failed (%s): trying once more", self.step, e)
                     continue
@@ -215,6 +219,15 @@ class Trainer:
             if self.step % t.ckpt_every == 0 or self.step == t.steps:
                 self.save()
         return last
+
+
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError behind a failed checkpoint write: `e` itself, or the one a rank hit inside
+    torch.distributed.checkpoint (which reports each rank's failure in a CheckpointException)."""
+    if isinstance(e, OSError):
+        return e
+    failures = [f[0] if isinstance(f, tuple) else f for f in getattr(e, "failures", {}).values()]
+    return next((f for f in failures if isinstance(f, OSError)), None)
 
 
 def _engine(cfg: RunConfig, layout: Layout | None) -> Engine:
