@@ -82,6 +82,21 @@ def test_every_kill_point_resumes_exactly(tmp_path, shards, ref_run, point, requ
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("latest", ["lost", "garbled"])
+def test_lost_or_garbled_latest_pointer_resumes_exactly(tmp_path, shards, ref_run, latest):
+    """`latest` is a hint: killed mid-checkpoint, then the pointer deleted or overwritten with
+    bytes naming nothing, the run still resumes from its newest verified checkpoint."""
+    ref, _ = ref_run
+    cfg = write_run(tmp_path, shards, "run")
+    pointer = checkpoint_dir(tmp_path / "run") / LATEST
+    with tally.case(tally.FAULTS, f"save_mid:8, then `latest` {latest} (1 process)"):
+        kill_at(cfg, "save_mid", 8)
+        pointer.unlink() if latest == "lost" else pointer.write_bytes(b"\x00../../step_99999999\xff")
+        train(cfg)
+        assert_same_run(tmp_path / "run", ref)
+
+
+@pytest.mark.slow
 def test_repeated_random_kills_resume_exactly(tmp_path, shards, ref_run, request):
     """One run killed up to four times at random places (named points and outside kills mixed)."""
     ref, _ = ref_run
