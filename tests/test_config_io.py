@@ -259,3 +259,12 @@ def test_check_choices_for_configs_built_in_code():
     check_choices(Model(variant="mag"))
     with pytest.raises(ConfigError, match=r"^--variant: 'xl' is not known; use lmm, mac, mag or mal$"):
         check_choices(Model(variant="xl"), lambda f: f"--{f}")
+
+
+def test_empty_or_sectionless_config_file_is_refused(tmp_path):
+    """Issue 22: an empty file trained a default model with no word that every section was defaulted."""
+    for text in ("", "\n# [model]\n# dim = 8\n"):
+        with pytest.raises(ConfigError, match=r"config file '.*c\.toml' is empty \(no \[section\] in it\)"):
+            load_config(Sectioned, write(tmp_path, text))
+    assert load_config(Sectioned, write(tmp_path, "[model]\n")) == Sectioned()     # defaults on purpose
+    assert load_config(Required, write(tmp_path, "path = 'x'\n")).path == "x"      # a flat config is not sectioned

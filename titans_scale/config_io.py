@@ -337,6 +337,12 @@ def apply_override(cls: type, data: dict, override: str) -> None:
         section_cls, node = types_[part], child
 
 
+def _is_sectioned(cls: type) -> bool:
+    """A config made of [sections] only (``@sectioned``)."""
+    types_ = _field_types(cls)
+    return bool(types_) and all(_is_dataclass_type(tp) for tp in types_.values())
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> T:
     """Read `path` (TOML; None = all defaults), apply `overrides`, return a checked `cls`."""
     data: dict = {}
@@ -350,6 +356,11 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: typing.
             raise ConfigError(f"config file '{p}' is not valid TOML ({e}); fix its syntax") from None
         except UnicodeDecodeError:
             raise ConfigError(f"config file '{p}' is not UTF-8 text; save it as UTF-8") from None
+        if not data and _is_sectioned(cls):
+            # Most likely the wrong or a truncated file: refused rather than trained on all defaults.
+            raise ConfigError(f"config file '{p}' is empty (no [section] in it): every setting would silently "
+                              "take its default; add the sections you mean (an empty [train] table keeps "
+                              "the defaults on purpose)")
     for ov in overrides:
         apply_override(cls, data, ov)
     return config_from_dict(cls, data)

@@ -37,9 +37,15 @@ def staged_output(out: str | Path, overwrite: bool = False, *, src: str | Path):
     if out.exists() and not (out / MARKER).is_file():
         raise ConvertError(f"destination '{out}' exists and was not written by convert (no {MARKER}); "
                            "--overwrite replaces only an earlier conversion's output: choose a new path")
-    with staged_dir(out, tag=f"convert-tmp-{os.getpid()}") as tmp:
-        yield tmp
-        (tmp / MARKER).write_text("written by titans-scale convert; --overwrite may replace this folder\n")
+    try:
+        with staged_dir(out, tag=f"convert-tmp-{os.getpid()}") as tmp:
+            yield tmp
+            (tmp / MARKER).write_text("written by titans-scale convert; --overwrite may replace this folder\n")
+    except OSError as e:     # writing beside `out` failed (read-only, full): one line; other paths are not ours to name
+        if e.filename is None or not Path(os.path.abspath(e.filename)).is_relative_to(os.path.abspath(out.parent)):
+            raise
+        raise ConvertError(f"cannot write the destination '{out}' ({type(e).__name__}: {e}): choose a writable "
+                           "folder with free space; nothing was written") from None
 
 
 __all__ = ["MARKER", "check_not_overlapping", "staged_output"]

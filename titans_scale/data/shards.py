@@ -171,6 +171,8 @@ def open_shards(shard_dir: str | Path, tokenizer: Tokenizer | None = None) -> Sh
         if len(info.files) != len(info.tokens):
             raise _corrupt(path, "files and token counts differ in length")
         for f, n in zip(info.files, info.tokens):
+            if Path(f).is_absolute() or ".." in Path(f).parts:
+                raise _corrupt(path, f"it names '{f}', a file outside its folder")
             p = d / f
             if not p.is_file():
                 raise DataError(f"shard '{p}' listed in the index is missing; delete '{d}' and prepare the data again")
@@ -410,8 +412,10 @@ def prepare_corpus(out_dir: str | Path, tokenizer: Tokenizer, sources: str | Pat
                             f"'{tokenizer.fingerprint()}'; use a new data directory or --overwrite "
                             "(overwrite=True from Python)")
         if idx.sources != sources_fp:
-            raise DataError(f"shards in '{out}' were made from other sources ({idx.sources}, now {sources_fp}); "
-                            "use a new data directory or --overwrite (overwrite=True from Python)")
+            named = "embedded" if embedded else ", ".join(map(str, src_list))
+            raise DataError(f"data source '{named}': the shards in '{out}' were made from other sources "
+                            f"({idx.sources}, this one is {sources_fp}); give this source its own data.shard_dir "
+                            "(prepare --out), or replace those shards with --overwrite (overwrite=True from Python)")
         if idx.layout != layout:
             raise DataError(f"data in '{out}' was prepared in the {idx.layout} layout, not {layout}; "
                             "use a new data directory or --overwrite (overwrite=True from Python)")

@@ -8,7 +8,10 @@ once step_N is whole); leftovers of a crash (.step_*.tmp) are removed by the nex
 trusts the step_* folders themselves (each appeared whole), newest verified first: `latest` is a
 hint for people and tools, and losing it never restarts a run from step 0.
 TITANS_TEST_KILL_AT=<point>:<step> makes the process SIGKILL itself at a named point, so tests
-prove it (points: save_mid, written by the caller mid-write; save_before_latest, here).
+prove it (tests/faults). The points, in the order a save passes them: save_mid (the caller, between
+its files), save_before_manifest (every file written, on every rank), save_before_latest (step_N
+renamed into place), save_in_latest (the pointer's temporary file written, not yet renamed),
+save_before_prune (the pointer moved, older folders not yet removed).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from titans_scale.errors import CheckpointError
-from titans_scale.io.atomic import staged_dir, staging_path, write_text_atomic
+from titans_scale.io.atomic import atomic_file, staged_dir, staging_path
 from titans_scale.io.manifest import verify_manifest, write_manifest
 
 CHECKPOINTS = "checkpoints"      # <run_dir>/checkpoints/step_*/
@@ -86,10 +89,14 @@ def _verifies(folder: Path) -> bool:
     return True
 
 
-def commit_checkpoint(ckpt_dir: Path, name: str, keep: int) -> None:
-    """Point `latest` at the complete folder `name`, then keep only the newest `keep` step_*
-    folders (and never `name`) and drop crash leftovers."""
-    write_text_atomic(ckpt_dir / LATEST, name)
+def commit_checkpoint(ckpt_dir: Path, step: int, keep: int) -> None:
+    """Point `latest` at the complete folder of `step`, then keep only the newest `keep` step_*
+    folders (and never this one) and drop crash leftovers."""
+    name = step_folder(step)
+    with atomic_file(ckpt_dir / LATEST, encoding="utf-8") as f:
+        f.write(name)
+        kill_point("save_in_latest", step)
+    kill_point("save_before_prune", step)
     done = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir())
     for p in done[:-keep]:
         if p.name != name:
@@ -107,12 +114,14 @@ def staged_checkpoint(ckpt_dir: Path, step: int, keep: int, owner: bool = True):
     name = step_folder(step)
     if not owner:
         yield staging_path(ckpt_dir / name)
+        kill_point("save_before_manifest", step)
         return
     with staged_dir(ckpt_dir / name) as tmp:
         yield tmp
+        kill_point("save_before_manifest", step)
         write_manifest(tmp)
     kill_point("save_before_latest", step)
-    commit_checkpoint(ckpt_dir, name, keep)
+    commit_checkpoint(ckpt_dir, step, keep)
 
 
 __all__ = ["CHECKPOINTS", "LATEST", "checkpoint_dir", "checkpoints", "commit_checkpoint", "kill_point",

@@ -25,19 +25,30 @@ def verify_manifest(folder: Path) -> None:
     if not man.is_file():
         raise CheckpointError(f"checkpoint '{folder}' has no {MANIFEST}: it was never completed; "
                               "resume from an earlier checkpoint or start afresh")
-    try:
-        files = json.loads(man.read_text())["files"]
-    except (ValueError, KeyError):
-        raise CheckpointError(f"checkpoint '{folder}': {MANIFEST} is corrupt") from None
-    for rel, meta in files.items():
+    for rel, size, sha in _entries(man):
         p = folder / rel
         if not p.is_file():
             raise CheckpointError(f"checkpoint '{folder}' is missing '{rel}'")
-        if p.stat().st_size != meta["bytes"]:
+        if p.stat().st_size != size:
             raise CheckpointError(f"checkpoint '{folder}': '{rel}' is truncated "
-                                  f"({p.stat().st_size} of {meta['bytes']} bytes)")
-        if file_sha256(p) != meta["sha256"]:
+                                  f"({p.stat().st_size} of {size} bytes)")
+        if file_sha256(p) != sha:
             raise CheckpointError(f"checkpoint '{folder}': '{rel}' does not match its checksum (corrupt)")
+
+
+def _entries(man: Path) -> list[tuple[str, int, str]]:
+    """(relative path, bytes, sha256) of each file a manifest lists; a manifest that is not what
+    write_manifest writes (garbled, or crafted to name files outside its folder) is corrupt."""
+    try:
+        files = json.loads(man.read_text(encoding="utf-8"))["files"]
+        out = [(rel, meta["bytes"], meta["sha256"]) for rel, meta in files.items()]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise CheckpointError(f"checkpoint '{man.parent}': {MANIFEST} is corrupt") from None
+    for rel, size, sha in out:
+        if Path(rel).is_absolute() or ".." in Path(rel).parts or type(size) is not int or not isinstance(sha, str):
+            raise CheckpointError(f"checkpoint '{man.parent}': {MANIFEST} is corrupt (its entry '{rel}' is not "
+                                  "a file of the checkpoint with a size and a checksum)")
+    return out
 
 
 __all__ = ["FORMAT_VERSION", "MANIFEST", "verify_manifest", "write_manifest"]

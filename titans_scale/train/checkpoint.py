@@ -33,9 +33,12 @@ def _safe_dcp_load(state: dict, folder: Path, what: str) -> None:
     """dcp.load that never unpickles arbitrary objects (allow-listed metadata, weights_only
     values) and turns DCP's deep errors (shape or key mismatches) into one line."""
     try:
+        reader = SafeFileSystemReader(folder / "model_optim")
+        # Read (and refuse) .metadata here: inside dcp.load a failure is retried as per-rank
+        # metadata, logged with two tracebacks and reported as "metadata is None".
+        reader.read_metadata()
         with dcp_errors(f"checkpoint '{folder}' does not fit this {what}"):
-            dcp.load(state, storage_reader=SafeFileSystemReader(folder / "model_optim"),
-                     planner=SafeLoadPlanner())
+            dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner())
     except ConvertError as e:
         raise CheckpointError(str(e)) from None
 

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from titans_scale.config import RunConfig
 from titans_scale.config_io import save_config
@@ -79,8 +80,6 @@ class Trainer:
         self.allocator = configure_host(t)
         self.engine: Engine = _engine(cfg, layout)
         self.run_dir = Path(t.run_dir)
-        if self.engine.is_writer:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.engine.world_size > 1:      # prepare the shards once; the other ranks then only read them
             if self.engine.is_writer:
                 d = cfg.data
@@ -92,8 +91,14 @@ class Trainer:
         if resume:
             self._resume()
         if self.engine.is_writer:
-            save_config(cfg, self.run_dir / "config.toml")
-        self.metrics = MetricsLogger(self.run_dir, tensorboard=t.tensorboard, enabled=self.engine.is_writer)
+            try:
+                save_config(cfg, self.run_dir / "config.toml")      # makes the run folder
+            except OSError as e:
+                raise TitansError(f"cannot write the run folder '{self.run_dir}' ({type(e).__name__}: {e}): "
+                                  "choose a writable train.run_dir") from None
+        # Rows of steps after self.step are replaced by this run's (a resume replays them).
+        self.metrics = MetricsLogger(self.run_dir, tensorboard=t.tensorboard, enabled=self.engine.is_writer,
+                                     start_step=self.step)
         self.val_batches = self.data.val_loader(t.eval_batches)
         self.flops_per_token = model_flops_per_token(cfg.model, cfg.data.seq_len)
 
@@ -111,7 +116,10 @@ class Trainer:
         for attempt in range(1, tries + 1):
             try:
                 return self.engine.save(self.step, self.trainer_state())
-            except OSError as e:
+            except (OSError, CheckpointException) as failure:
+                e = _os_error(failure)
+                if e is None:           # not a failed write: a bug, with its traceback
+                    raise
                 if attempt < tries:
                     log.warning("checkpoint at step %d failed (%s): trying once more", self.step, e)
                     continue
@@ -175,6 +183,7 @@ class Trainer:
             r = eng.train_step(inputs, targets, self.lr(), *packed)
             if r.applied and math.isfinite(r.grad_norm):
                 self.bad_in_row = 0
+                window_tokens += tokens_per_step      # a skipped step did no work worth a rate
             else:
                 self.bad_in_row += 1
                 self.metrics.log("skipped", self.step + 1, loss=r.loss, grad_norm=r.grad_norm)
@@ -182,16 +191,15 @@ class Trainer:
                     log.warning("step %d: non-finite loss/gradient (loss=%s, grad_norm=%s): step skipped",
                                 self.step + 1, r.loss, r.grad_norm)
             self.step += 1
-            window_tokens += tokens_per_step
             if self.bad_in_row >= t.max_bad_steps:
                 raise TrainingStopped(
                     f"{self.bad_in_row} non-finite steps in a row at step {self.step}: stopping. "
                     f"Last good checkpoint: {eng.latest() or 'none'}; lower optim.lr or model.max_lr and resume")
             if self.step % t.log_every == 0 or self.step == t.steps:
-                dt = time.perf_counter() - window_t
-                tps = window_tokens / dt
-                last = {"loss": r.loss, "grad_norm": r.grad_norm, "lr": self.lr(), "tokens_per_s": tps,
-                        "mfu": tps * self.flops_per_token / rate, **peak_memory_gb(eng.device)}
+                last = {"loss": r.loss, "grad_norm": r.grad_norm, "lr": self.lr(), **peak_memory_gb(eng.device)}
+                if window_tokens:       # throughput and MFU of the steps applied since the last row
+                    tps = window_tokens / (time.perf_counter() - window_t)
+                    last.update(tokens_per_s=tps, mfu=tps * self.flops_per_token / rate)
                 self.metrics.log("train", self.step, **last)
                 if eng.is_writer:
                     _update(bar, self.step, last)
@@ -213,6 +221,15 @@ class Trainer:
         return last
 
 
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError behind a failed checkpoint write: `e` itself, or the one a rank hit inside
+    torch.distributed.checkpoint (which reports each rank's failure in a CheckpointException)."""
+    if isinstance(e, OSError):
+        return e
+    failures = [f[0] if isinstance(f, tuple) else f for f in getattr(e, "failures", {}).values()]
+    return next((f for f in failures if isinstance(f, OSError)), None)
+
+
 def _engine(cfg: RunConfig, layout: Layout | None) -> Engine:
     if layout is None:
         return LocalEngine(cfg)
@@ -229,8 +246,9 @@ def _progress(enabled: bool, start: int, total: int):
 
 
 def _update(bar, step: int, m: dict) -> None:
-    line = (f"loss {m['loss']:.3f} | lr {m['lr']:.2e} | {m['tokens_per_s']:,.0f} tok/s | "
-            f"MFU {100 * m['mfu']:.1f}% | rss {m['peak_rss_gb']:.2f} GiB")
+    rate = (f"{m['tokens_per_s']:,.0f} tok/s | MFU {100 * m['mfu']:.1f}%" if "mfu" in m
+            else "step skipped (non-finite): no MFU")
+    line = f"loss {m['loss']:.3f} | lr {m['lr']:.2e} | {rate} | rss {m['peak_rss_gb']:.2f} GiB"
     if "gpu_max_allocated_gb" in m:
         line += f" | gpu {m['gpu_max_allocated_gb']:.2f} GiB"
     if bar is None:
