@@ -428,6 +428,21 @@ def make_run(root: Path, step: int = 2, seed: int = 0, **model_kw):
     return run, cfg, model.eval(), opt
 
 
+PARALLEL_WORKER = ROOT / "tests" / "convert" / "parallel_worker.py"
+
+
+def parallel_micro_run(root: Path, shards: Path, tie_embeddings: bool) -> tuple[Path, dict]:
+    """The parallel trainer's checkpoint: a megatron TP=2 x PP=2 micro run (every mixer kind with
+    a state) trained 2 steps by 4 gloo ranks under torchrun (tests/convert/parallel_worker.py).
+    Returns (run folder, {tokens, logits} of the trained parallel model on a fixed batch)."""
+    cfg = write_config(root / "run.toml", micro_config(
+        shards, root / "run", model={"layers": ["swa", "mag", "mac", "lmm"], "tie_embeddings": tie_embeddings},
+        data={"max_bytes": 100000, "seq_len": 32}, optim={"warmup_steps": 1},
+        train={**SHORT_TRAIN, "steps": 2, "ckpt_every": 2}, parallel={"tp": 2, "pp": 2, "microbatches": 2}))
+    torchrun(4, PARALLEL_WORKER, cfg, root / "logits.pt", timeout=600)
+    return root / "run", torch.load(root / "logits.pt", weights_only=True)
+
+
 def fixed_batch(cfg: ModelConfig, seed: int = 123) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, cfg.vocab_size, (2, 21), generator=g)

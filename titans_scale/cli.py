@@ -4,7 +4,7 @@
   eval      --run-dir runs/tiny [--suite loss|niah|recall|all] [--lengths 512,1024] [--depths 0,0.5,1]
   generate  --run-dir runs/tiny --prompt "def " [--max-new-tokens 200]
   prepare   --source my.jsonl --out data_cache/mine [--tokenizer tokenizer.json] [--format indexed]
-  convert   SRC DST --to consolidated|training|inference|titans-pytorch (docs/convert.md)
+  convert   SRC DST --to consolidated|training|inference|titans-pytorch|hf (docs/convert.md)
   launch    --config X [--nnodes 2 --nproc-per-node 8 --rdzv-endpoint host:port] [--dry-run]
   slurm submit --config X --nodes 4 --gpus-per-node 8 [--partition p --time 04:00:00] [--dry-run]
   sweep     plan|run|collect|fit|plot|all --spec sweeps/cpu.toml (docs/sweeps.md)

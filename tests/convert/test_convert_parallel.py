@@ -21,14 +21,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import SHORT_TRAIN, leftovers, logits_of, micro_config, torchrun, write_config
+from tests.helpers import leftovers, logits_of, parallel_micro_run
 from titans_scale import convert
 from titans_scale.convert.safetensors_io import SafetensorsFile, tensor_bytes
 
 pytestmark = [pytest.mark.filterwarnings("ignore:torch.distributed is disabled"),
               pytest.mark.skipif(torch.cuda.is_available(), reason="CPU/gloo run")]
 
-WORKER = Path(__file__).with_name("parallel_worker.py")
 TOL = 1e-6
 
 
@@ -40,13 +39,7 @@ def shards(tmp_path_factory):
 @pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
 def parallel_run(request, tmp_path_factory, shards):
     """(run folder, {tokens, logits} of the trained parallel model) for TP=2 x PP=2, 2 steps."""
-    root = tmp_path_factory.mktemp("parallel_run")
-    cfg = write_config(root / "run.toml", micro_config(
-        shards, root / "run", model={"layers": ["swa", "mag", "mac", "lmm"], "tie_embeddings": request.param},
-        data={"max_bytes": 100000, "seq_len": 32}, optim={"warmup_steps": 1},
-        train={**SHORT_TRAIN, "steps": 2, "ckpt_every": 2}, parallel={"tp": 2, "pp": 2, "microbatches": 2}))
-    torchrun(4, WORKER, cfg, root / "logits.pt", timeout=600)
-    return root / "run", torch.load(root / "logits.pt", weights_only=True)
+    return parallel_micro_run(tmp_path_factory.mktemp("parallel_run"), shards, request.param)
 
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:

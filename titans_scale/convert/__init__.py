@@ -6,6 +6,7 @@
     convert.write_consolidated(r, "out/tiny-consolidated")    # model.safetensors + config.json (+ state)
     convert.write_training_checkpoint(convert.open_checkpoint("out/tiny-consolidated"), "runs/tiny2")
     convert.export_inference(r, "out/tiny-bf16", dtype="bf16")
+    convert.export_hf(r, "out/tiny-hf")                       # transformers' AutoModelForCausalLM loads it
     model = convert.load_model("out/tiny-bf16")
 
 Every conversion streams tensor by tensor, verifies checksums at the end, and writes into a
@@ -29,6 +30,7 @@ _API = {
     "SafeFileSystemReader": ".io.safe_load", "SafeLoadPlanner": ".io.safe_load", "safe_torch_load": ".io.safe_load",
     "ConvertError": ".errors", "UnsafeCheckpointError": ".errors", "IncompatibleError": ".errors",
     "import_memory": "titans_pytorch", "export_memory": "titans_pytorch", "TitansPytorchOptions": "titans_pytorch",
+    "export_hf": "hf", "HfReader": "hf",
 }
 
 

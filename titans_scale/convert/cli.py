@@ -5,6 +5,8 @@
   convert SRC DST --to inference [--dtype bf16]         weights only, optionally cast
   convert SRC DST --to titans-pytorch --layer blocks.1.mixer.memory --accept-read-offset
   convert SRC DST --from titans-pytorch --options kwargs.json --accept-read-offset
+  convert SRC DST --to hf [--tokenizer tokenizer.json]  a Hugging Face folder (transformers loads it)
+  convert HF_DIR DST --from hf [--to consolidated]     a --to hf folder back (default: a training run folder)
 
 SRC may be a run folder (its newest checkpoint), a step_N folder, a DCP folder, a
 consolidated folder, or the parallel trainer's megatron TP x PP checkpoint (run folder, step_N
@@ -17,20 +19,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-TARGETS = ("consolidated", "training", "inference", "titans-pytorch")
+TARGETS = ("consolidated", "training", "inference", "titans-pytorch", "hf")
 LAYER_FORMAT = "titans-scale-memory-layer"
 
 
 def add_convert_parser(sub) -> None:
     c = sub.add_parser("convert", help="convert checkpoints: consolidated safetensors, training, inference, "
-                                       "titans-pytorch")
+                                       "titans-pytorch, Hugging Face")
     c.add_argument("src", help="run folder, step_N folder, DCP folder, consolidated folder, a parallel "
                                "(megatron TP x PP) run/step folder, or (--from titans-pytorch) a state dict "
                                "file/folder")
     c.add_argument("dst", help="output folder (must not exist unless --overwrite)")
     c.add_argument("--to", choices=TARGETS, help="output format (default: consolidated, or training from a "
                                                  "consolidated source)")
-    c.add_argument("--from", dest="from_", choices=("titans-pytorch",), help="read a titans-pytorch NeuralMemory")
+    c.add_argument("--from", dest="from_", choices=("titans-pytorch", "hf"),
+                   help="read a titans-pytorch NeuralMemory, or a Hugging Face folder written by --to hf")
     c.add_argument("--weights-only", action="store_true", help="consolidated: drop optimizer and trainer state")
     c.add_argument("--dtype", choices=("fp32", "bf16"), help="inference: cast float weights")
     c.add_argument("--config", help="run config TOML when the source carries none")
@@ -38,6 +41,8 @@ def add_convert_parser(sub) -> None:
     c.add_argument("--block-mb", type=int, default=8, help="training: DCP block and file size in MiB (bounds memory)")
     c.add_argument("--layer", help="titans-pytorch export: our memory layer's prefix, e.g. blocks.1.mixer.memory")
     c.add_argument("--options", help="titans-pytorch import: JSON of its NeuralMemory options")
+    c.add_argument("--tokenizer", help="hf: the tokenizer to save beside the model, 'byte' or a tokenizer.json "
+                                       "(default: the run config's data.tokenizer)")
     c.add_argument("--accept-read-offset", action="store_true",
                    help="titans-pytorch: convert although it reads memory after each token's own write")
     c.set_defaults(fn=run_convert)
@@ -58,8 +63,12 @@ def run_convert(args) -> int:
         out = _import_titans_pytorch(args)
         print(json.dumps({"out": str(out), "format": LAYER_FORMAT}))
         return 0
-    reader = convert.open_checkpoint(args.src, run)
-    to = args.to or ("training" if reader.layout == "consolidated" else "consolidated")
+    if args.from_ == "hf":
+        from titans_scale.convert.hf import HfReader  # noqa: PLC0415
+        reader = HfReader(args.src)
+    else:
+        reader = convert.open_checkpoint(args.src, run)
+    to = args.to or ("training" if reader.layout in ("consolidated", "hf") else "consolidated")
     if to == "consolidated":
         out = convert.write_consolidated(reader, args.dst, kind="weights" if args.weights_only else None,
                                          overwrite=args.overwrite)
@@ -68,6 +77,9 @@ def run_convert(args) -> int:
                                                 block_bytes=args.block_mb << 20)
     elif to == "inference":
         out = convert.export_inference(reader, args.dst, dtype=args.dtype, overwrite=args.overwrite)
+    elif to == "hf":
+        from titans_scale.convert.hf import export_hf  # noqa: PLC0415
+        out = export_hf(reader, args.dst, tokenizer=args.tokenizer, overwrite=args.overwrite)
     else:
         out = _export_titans_pytorch(reader, args)
     print(json.dumps({"out": str(out), "to": to, "from": reader.describe()}))
