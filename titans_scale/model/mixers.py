@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torch.utils._pytree as pytree
 
 from .attention import Attention
@@ -112,9 +113,12 @@ class MAL(nn.Module):
         super().__init__()
         self.memory = NeuralMemory(cfg)
         self.swa = SlidingWindow(cfg)
+        self.m_norm = cfg.mem_attn_norm
 
     def forward(self, x, state, pos0):
         m, mem = self.memory(x, state and state.memory)
+        if self.m_norm:           # attention's input at the scale of a normed residual stream
+            m = F.rms_norm(m, m.shape[-1:])
         y, tail = self.swa(m, state and state.tail, pos0)
         return y, MALState(mem, tail)
 
@@ -139,6 +143,7 @@ class MAC(nn.Module):
         super().__init__()
         self.attn, self.segment = _attention(cfg), cfg.segment_len
         self.memory = NeuralMemory(cfg)
+        self.h_norm, self.gate = cfg.mem_attn_norm, cfg.mac_output == "gate"
 
     def initial_state(self, x: torch.Tensor) -> MACState:
         """The state before a sequence's first token (x: a piece of it, for batch, device, dtype)."""
@@ -157,9 +162,15 @@ class MAC(nn.Module):
             s0 = i * self.segment
             (q,), conv_x_next = self.memory.project(xs, conv_x, parts=1)
             h = self.memory.output(self.memory.read(mem.memory.chunk_start, q), xs)  # Eq. 21
+            if self.h_norm:       # h at the scale of the (RMS-normed) segment tokens it joins
+                h = F.rms_norm(h, h.shape[-1:])
             y = self.attn.segments(xs, start + s0, self.segment, h)                      # Eqs. 22-23
-            m, mem_next = self.memory.scan(y, mem)                                        # Eq. 24
-            outs.append(y * self.memory.output(m, y))                                     # Eq. 25
+            # the memory reads y at the scale of its other inputs (a normed residual stream): a raw
+            # attention output is ~1e-2 at init, its values ~1e-4 against f's residual k of norm 1
+            ym = F.rms_norm(y, y.shape[-1:]) if self.h_norm else y
+            m, mem_next = self.memory.scan(ym, mem)                                       # Eq. 24
+            g = self.memory.output(m, ym)
+            outs.append(y * (torch.sigmoid(g) if self.gate else g))                       # Eq. 25
             if xs.shape[1] == self.segment:       # a finished segment moves the state on
                 mem, conv_x = mem_next, conv_x_next
         tail = xx[:, xx.shape[1] - xx.shape[1] % self.segment:]
