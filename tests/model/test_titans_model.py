@@ -135,7 +135,8 @@ def test_memory_recompute_gives_the_same_gradients(mixer):
     assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
-@pytest.mark.parametrize("mixer,kw", [("mac", dict(mac_output="product")), ("mac", dict(mem_attn_norm=False)),
+@pytest.mark.parametrize("mixer,kw", [("mac", dict(mac_output="product")), ("mac", dict(mac_output="add")),
+                                      ("mac", dict(mem_attn_norm=False)),
                                       ("mal", dict(mem_attn_norm=False))])
 def test_memory_attention_options_stream_and_stay_causal(mixer, kw):
     """The non-default ways the memory meets attention keep streaming exact and the model causal."""

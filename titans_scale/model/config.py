@@ -11,7 +11,7 @@ from titans_scale.errors import ConfigError
 MemoryMixer = Literal["mac", "mag", "mal", "lmm"]
 AttentionMixer = Literal["swa", "seg", "attn"]   # memory-off baselines: sliding window, segments, full
 Mixer = Literal[MemoryMixer, AttentionMixer]
-MacOutput = Literal["gate", "product"]
+MacOutput = Literal["gate", "product", "add"]
 MEMORY_MIXERS = typing.get_args(MemoryMixer)
 ATTENTION_MIXERS = typing.get_args(AttentionMixer)
 MIXERS = typing.get_args(Mixer)
@@ -47,7 +47,8 @@ class ModelConfig:
     init_std: float = 0.02
     # how the memory meets attention (docs/long_context.md, "What made MAC, MAG and MAL learn")
     mem_attn_norm: bool = True            # RMS-normalise memory reads entering attention (MAC's h, MAL's M(x))
-    mac_output: MacOutput = "gate"        # MAC Eq. 25 o = y (x) M(y): "gate" y*sigmoid(M(y)), "product" y*M(y)
+    mac_output: MacOutput = "gate"        # MAC Eq. 25 o = y (x) M(y): "gate" y*sigmoid(M(y)), "product" y*M(y),
+                                          # "add" y + M(y) (not the paper's: the memory's read joins the residual)
 
     def __post_init__(self):
         self.validate()

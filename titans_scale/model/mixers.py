@@ -143,7 +143,7 @@ class MAC(nn.Module):
         super().__init__()
         self.attn, self.segment = _attention(cfg), cfg.segment_len
         self.memory = NeuralMemory(cfg)
-        self.h_norm, self.gate = cfg.mem_attn_norm, cfg.mac_output == "gate"
+        self.norm, self.combine = cfg.mem_attn_norm, cfg.mac_output
 
     def initial_state(self, x: torch.Tensor) -> MACState:
         """The state before a sequence's first token (x: a piece of it, for batch, device, dtype)."""
@@ -162,15 +162,16 @@ class MAC(nn.Module):
             s0 = i * self.segment
             (q,), conv_x_next = self.memory.project(xs, conv_x, parts=1)
             h = self.memory.output(self.memory.read(mem.memory.chunk_start, q), xs)  # Eq. 21
-            if self.h_norm:       # h at the scale of the (RMS-normed) segment tokens it joins
+            if self.norm:         # h at the scale of the (RMS-normed) segment tokens it joins
                 h = F.rms_norm(h, h.shape[-1:])
             y = self.attn.segments(xs, start + s0, self.segment, h)                      # Eqs. 22-23
             # the memory reads y at the scale of its other inputs (a normed residual stream): a raw
             # attention output is ~1e-2 at init, its values ~1e-4 against f's residual k of norm 1
-            ym = F.rms_norm(y, y.shape[-1:]) if self.h_norm else y
+            ym = F.rms_norm(y, y.shape[-1:]) if self.norm else y
             m, mem_next = self.memory.scan(ym, mem)                                       # Eq. 24
             g = self.memory.output(m, ym)
-            outs.append(y * (torch.sigmoid(g) if self.gate else g))                       # Eq. 25
+            outs.append(y * torch.sigmoid(g) if self.combine == "gate" else                 # Eq. 25
+                        y * g if self.combine == "product" else y + g)
             if xs.shape[1] == self.segment:       # a finished segment moves the state on
                 mem, conv_x = mem_next, conv_x_next
         tail = xx[:, xx.shape[1] - xx.shape[1] % self.segment:]
