@@ -107,7 +107,8 @@ class MAG(nn.Module):
 
 
 class MAL(nn.Module):
-    """mal: the memory as a layer, then sliding-window attention on its output (Eqs. 29-31)."""
+    """mal: the memory as a layer, then sliding-window attention on its output (Eqs. 29-31);
+    with model.mem_attn_norm that output is RMS-normed first."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -137,7 +138,8 @@ for _state in (MAGState, MALState, MACState):   # flatten to their tensors in a 
 class MAC(nn.Module):
     """mac: memory as context (paper Eqs. 21-25). Per segment s:
     h = f_{W before s}(q(x_s)); y = Attn([persistent || h || x_s]);
-    the memory is updated with y chunk by chunk and read back: o = y * M(y)."""
+    the memory is updated with y chunk by chunk and read back: o = y * sigmoid(M(y))
+    (model.mac_output; with model.mem_attn_norm, h and the y the memory reads are RMS-normed)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
