@@ -14,7 +14,7 @@ from titans_scale.config import load_run_config
 from titans_scale.data.tokenizer import ByteTokenizer
 from titans_scale.errors import ConfigError
 from titans_scale.eval.baselines import attention_reach, beyond_attention, chance_accuracy
-from titans_scale.eval.sweep import EvalSweepSpec, run_sweep, state_bytes
+from titans_scale.eval.sweep import EvalSweepSpec, memory_weight_norm, run_sweep, state_bytes
 from titans_scale.model import TitansLM
 from titans_scale.model.config import ModelConfig
 from titans_scale.train.data import IGNORE, RunData
@@ -133,6 +133,19 @@ def test_state_bytes_counts_nested_tensors():
         _, s1 = model(torch.zeros(1, 40, dtype=torch.long))
         _, s2 = model(torch.zeros(1, 40, dtype=torch.long), s1)
     assert state_bytes(s1) == state_bytes(s2) > 0
+
+
+def test_memory_weight_norm_finds_the_largest_sequence_weight():
+    cfg = ModelConfig(d_model=32, n_heads=2, layers=["swa", "mag", "mac"], window=8, segment_len=8, chunk_size=8)
+    model = TitansLM(cfg).eval()
+    with torch.no_grad():
+        _, state = model(torch.zeros(2, 40, dtype=torch.long))
+    mems = [state.layers[1].memory.memory, state.layers[2].memory.memory]
+    want = max(w[b].norm().item() for m in mems for w in m.weights for b in range(2))
+    assert memory_weight_norm(state) == pytest.approx(want) and want > 0
+    mems[1].weights[0][1, 0, 0, 0] = 1e6                    # one sequence's weight of one layer
+    assert memory_weight_norm(state) == pytest.approx(1e6, rel=1e-3)
+    assert memory_weight_norm(ModelConfig()) == 0.0 == memory_weight_norm([None, 3])
 
 
 def test_sweep_cells_and_errors(tmp_path):

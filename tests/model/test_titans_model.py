@@ -101,6 +101,7 @@ def test_outer_loss_trains_every_memory_parameter(mixer):
     (dict(chunk_size=0), "model.chunk_size"),
     (dict(max_lr=2.0), "model.max_lr"),
     (dict(layers=[]), "model.layers"),
+    (dict(mac_output="sum"), "model.mac_output"),
 ])
 def test_bad_config_names_the_field(kw, field):
     with pytest.raises(ModelConfigError, match=field):
@@ -132,3 +133,37 @@ def test_memory_recompute_gives_the_same_gradients(mixer):
         F.cross_entropy(logits.flatten(0, 1), tok.flatten()).backward()
         grads.append([p.grad.clone() for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+@pytest.mark.parametrize("mixer,kw", [("mac", dict(mac_output="product")), ("mac", dict(mac_output="add")),
+                                      ("mac", dict(mem_attn_norm=False)),
+                                      ("mal", dict(mem_attn_norm=False))])
+def test_memory_attention_options_stream_and_stay_causal(mixer, kw):
+    """The non-default ways the memory meets attention keep streaming exact and the model causal."""
+    model = tiny_model(mixer, **kw)
+    tok = torch.randint(0, 259, (2, 29))
+    full, _ = model(tok)
+    a, state = model(tok[:, :13])
+    b, _ = model(tok[:, 13:], state)
+    assert (torch.cat([a, b], 1) - full).abs().max() < 1e-10
+    t2 = tok.clone()
+    t2[:, 17] = (t2[:, 17] + 1) % 259
+    out, _ = model(t2)
+    assert torch.equal(out[:, :17], full[:, :17]) and not torch.allclose(out[:, 17:], full[:, 17:])
+
+
+@pytest.mark.parametrize("mixer", ["mac", "mal"])
+def test_memory_reads_enter_attention_normalised(mixer):
+    """mem_attn_norm: the memory's read reaches attention at unit RMS (a raw read is ~1e-2 at init,
+    which starved MAC's and MAL's attention of the memory; docs/long_context.md)."""
+    mix = tiny_model(mixer).blocks["1"].mixer
+    attn, name, arg = (mix.attn, "segments", 3) if mixer == "mac" else (mix.swa.attn, "sliding", 0)
+    orig, seen = getattr(attn, name), []
+
+    def spy(*args):
+        seen.append(args[arg])
+        return orig(*args)
+    setattr(attn, name, spy)                  # an instance attribute shadows the method
+    mix(torch.randn(1, 20, 32, dtype=torch.float64), None, 0)
+    rms = torch.cat([t.flatten(0, 1) for t in seen]).pow(2).mean(-1).sqrt()
+    assert len(seen) and torch.allclose(rms, torch.ones_like(rms), atol=1e-3)

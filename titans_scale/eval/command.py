@@ -92,8 +92,8 @@ def run_eval(cfg, model, args) -> dict:
     name = Path(args.run_dir).name
     for spec in specs:
         result = run_sweep(model, tok, spec, log=lambda c, s=spec: log.info(
-            "%s length %d depth %s: %.0f%% (%d samples, needle %d tokens back, %.1fs)", s.suite, c.length,
-            c.depth, 100 * c.accuracy, c.samples, c.min_distance, c.seconds))
+            "%s length %d depth %s: %.0f%% (%d samples, needle %d tokens back, memory |W| %.3g, %.1fs)", s.suite,
+            c.length, c.depth, 100 * c.accuracy, c.samples, c.min_distance, c.memory_weight_norm, c.seconds))
         for n in spec.lengths:
             out[f"{spec.suite}_acc@{n}"] = result.accuracy_at(n)
         out[f"{spec.suite}_chance"] = result.chance

@@ -11,7 +11,8 @@
 Every sample is fed to the model `piece` tokens at a time with the state passed on
 (train/evaluate.py stream_predictions): the largest tensor ever built is one piece's
 activations plus the model's state, whose size does not grow with the length (the sweep
-records both). Sample i of every cell uses seed + i, so depths are compared on the same
+records both), and the largest norm the memory's weights reached in each cell (a diverging
+inner loop shows there first). Sample i of every cell uses seed + i, so depths are compared on the same
 pass keys and haystacks.
 """
 
@@ -28,6 +29,7 @@ import torch
 from titans_scale.data.synthetic import RecallSample
 from titans_scale.eval.baselines import attention_reach, beyond_attention, chance_accuracy
 from titans_scale.eval.spec import EvalSweepSpec
+from titans_scale.ops.state import MemoryState
 from titans_scale.train.evaluate import stream_predictions
 from titans_scale.train.hardware import peak_rss_bytes
 
@@ -50,6 +52,7 @@ class Cell:
     distance_sum: int = 0
     min_distance: int = 1 << 62        # tokens from the needle's end to the first answer token
     seconds: float = 0.0
+    memory_weight_norm: float = 0.0    # the largest Frobenius norm of one sequence's memory weights
 
     accuracy = _ratio("answers_correct", "answers", "Share of answers exactly right (for needles: of samples).")
     sample_accuracy = _ratio("correct", "samples",
@@ -78,7 +81,8 @@ class Cell:
                 "answers": self.answers, "correct": self.answers_correct, "accuracy": self.accuracy,
                 "sample_accuracy": self.sample_accuracy, "token_accuracy": self.token_accuracy,
                 "mean_distance": self.distance, "min_distance": self.min_distance,
-                "beyond_attention": bool(self.min_distance > beyond), "seconds": round(self.seconds, 3)}
+                "beyond_attention": bool(self.min_distance > beyond), "seconds": round(self.seconds, 3),
+                "memory_weight_norm": self.memory_weight_norm}
 
 
 @dataclass
@@ -130,18 +134,31 @@ def state_bytes(obj) -> int:
     return 0
 
 
+def memory_weight_norm(obj) -> float:
+    """The largest Frobenius norm of any memory weight tensor of any sequence inside a model state."""
+    if isinstance(obj, MemoryState):
+        return max((w.detach().flatten(1).norm(dim=1).max().item() for w in obj.weights), default=0.0)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return max((memory_weight_norm(getattr(obj, f.name)) for f in dataclasses.fields(obj)), default=0.0)
+    if isinstance(obj, (list, tuple)):
+        return max((memory_weight_norm(x) for x in obj), default=0.0)
+    return 0.0
+
+
 class _Recorder:
     """Calls the model and records what streaming costs: the largest piece and state."""
 
     def __init__(self, model, autocast=contextlib.nullcontext):
         self.model, self.autocast = model, autocast
         self.max_piece = self.state_bytes = 0
+        self.weight_norm = 0.0             # reset per cell by run_sweep
 
     def __call__(self, tokens: torch.Tensor, state):
         with self.autocast():
             logits, state = self.model(tokens, state)
         self.max_piece = max(self.max_piece, tokens.shape[1])
         self.state_bytes = max(self.state_bytes, state_bytes(state))
+        self.weight_norm = max(self.weight_norm, memory_weight_norm(state))
         return logits.float(), state
 
 
@@ -157,10 +174,12 @@ def run_sweep(model, tokenizer, spec: EvalSweepSpec, log=None) -> SweepResult:
     for length in spec.lengths:
         for depth in depths:
             cell, t0 = Cell(length, depth), time.perf_counter()
+            rec.weight_norm = 0.0
             for i in range(spec.samples):
                 s = spec.sample(tokenizer, length, depth, i)
                 cell.add(s, stream_predictions(rec, s, spec.piece))
             cell.seconds = time.perf_counter() - t0
+            cell.memory_weight_norm = rec.weight_norm
             cells.append(cell)
             if log is not None:
                 log(cell)
@@ -170,4 +189,4 @@ def run_sweep(model, tokenizer, spec: EvalSweepSpec, log=None) -> SweepResult:
                        beyond_attention(cfg), rec.max_piece, rec.state_bytes, peak_rss_bytes())
 
 
-__all__ = ["EvalSweepSpec", "SweepResult", "Cell", "run_sweep", "state_bytes"]
+__all__ = ["EvalSweepSpec", "SweepResult", "Cell", "run_sweep", "state_bytes", "memory_weight_norm"]

@@ -11,6 +11,7 @@ from titans_scale.errors import ConfigError
 MemoryMixer = Literal["mac", "mag", "mal", "lmm"]
 AttentionMixer = Literal["swa", "seg", "attn"]   # memory-off baselines: sliding window, segments, full
 Mixer = Literal[MemoryMixer, AttentionMixer]
+MacOutput = Literal["gate", "product", "add"]
 MEMORY_MIXERS = typing.get_args(MemoryMixer)
 ATTENTION_MIXERS = typing.get_args(AttentionMixer)
 MIXERS = typing.get_args(Mixer)
@@ -44,6 +45,10 @@ class ModelConfig:
     norm_eps: float = 1e-6
     tie_embeddings: bool = True
     init_std: float = 0.02
+    # how the memory meets attention (docs/long_context.md, "What made MAC, MAG and MAL learn")
+    mem_attn_norm: bool = True            # RMS-normalise memory reads entering attention (MAC's h, MAL's M(x))
+    mac_output: MacOutput = "gate"        # MAC Eq. 25 o = y (x) M(y): "gate" y*sigmoid(M(y)), "product" y*M(y),
+                                          # "add" y + M(y) (not the paper's: the memory's read joins the residual)
 
     def __post_init__(self):
         self.validate()
@@ -94,5 +99,7 @@ class ModelConfig:
                 f"chunk_size={self.chunk_size} (MAC reads the memory at segment starts)")
         if not 0 < self.max_lr <= 1:
             bad("max_lr", f"must be in (0, 1], got {self.max_lr} (the inner step must stay bounded)")
+        if self.mac_output not in typing.get_args(MacOutput):
+            bad("mac_output", f"unknown {self.mac_output!r}; choose from {', '.join(typing.get_args(MacOutput))}")
         if self.n_persistent < 0:
             bad("n_persistent", f"must be >= 0, got {self.n_persistent}")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torch.utils._pytree as pytree
 
 from .attention import Attention
@@ -106,15 +107,19 @@ class MAG(nn.Module):
 
 
 class MAL(nn.Module):
-    """mal: the memory as a layer, then sliding-window attention on its output (Eqs. 29-31)."""
+    """mal: the memory as a layer, then sliding-window attention on its output (Eqs. 29-31);
+    with model.mem_attn_norm that output is RMS-normed first."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.memory = NeuralMemory(cfg)
         self.swa = SlidingWindow(cfg)
+        self.m_norm = cfg.mem_attn_norm
 
     def forward(self, x, state, pos0):
         m, mem = self.memory(x, state and state.memory)
+        if self.m_norm:           # attention's input at the scale of a normed residual stream
+            m = F.rms_norm(m, m.shape[-1:])
         y, tail = self.swa(m, state and state.tail, pos0)
         return y, MALState(mem, tail)
 
@@ -133,12 +138,14 @@ for _state in (MAGState, MALState, MACState):   # flatten to their tensors in a 
 class MAC(nn.Module):
     """mac: memory as context (paper Eqs. 21-25). Per segment s:
     h = f_{W before s}(q(x_s)); y = Attn([persistent || h || x_s]);
-    the memory is updated with y chunk by chunk and read back: o = y * M(y)."""
+    the memory is updated with y chunk by chunk and read back: o = y * sigmoid(M(y))
+    (model.mac_output; with model.mem_attn_norm, h and the y the memory reads are RMS-normed)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.attn, self.segment = _attention(cfg), cfg.segment_len
         self.memory = NeuralMemory(cfg)
+        self.norm, self.combine = cfg.mem_attn_norm, cfg.mac_output
 
     def initial_state(self, x: torch.Tensor) -> MACState:
         """The state before a sequence's first token (x: a piece of it, for batch, device, dtype)."""
@@ -157,9 +164,16 @@ class MAC(nn.Module):
             s0 = i * self.segment
             (q,), conv_x_next = self.memory.project(xs, conv_x, parts=1)
             h = self.memory.output(self.memory.read(mem.memory.chunk_start, q), xs)  # Eq. 21
+            if self.norm:         # h at the scale of the (RMS-normed) segment tokens it joins
+                h = F.rms_norm(h, h.shape[-1:])
             y = self.attn.segments(xs, start + s0, self.segment, h)                      # Eqs. 22-23
-            m, mem_next = self.memory.scan(y, mem)                                        # Eq. 24
-            outs.append(y * self.memory.output(m, y))                                     # Eq. 25
+            # the memory reads y at the scale of its other inputs (a normed residual stream): a raw
+            # attention output is ~1e-2 at init, its values ~1e-4 against f's residual k of norm 1
+            ym = F.rms_norm(y, y.shape[-1:]) if self.norm else y
+            m, mem_next = self.memory.scan(ym, mem)                                       # Eq. 24
+            g = self.memory.output(m, ym)
+            outs.append(y * torch.sigmoid(g) if self.combine == "gate" else                 # Eq. 25
+                        y * g if self.combine == "product" else y + g)
             if xs.shape[1] == self.segment:       # a finished segment moves the state on
                 mem, conv_x = mem_next, conv_x_next
         tail = xx[:, xx.shape[1] - xx.shape[1] % self.segment:]
