@@ -297,7 +297,7 @@ def _tp_cp_checks() -> dict:
         config = TransformerConfig(num_layers=len(layers), hidden_size=16, num_attention_heads=2,
                                    ffn_hidden_size=full.cfg.resolved_mlp_hidden, tensor_model_parallel_size=2,
                                    params_dtype=torch.float32, use_cpu_initialization=True,
-                                   perform_initialization=False)
+                                   perform_initialization=False, transformer_impl="local")   # as build.py sets it
         stage = TitansStage(full, list(range(len(layers))), first=True, last=True, config=config,
                             layer_config=dataclasses.replace(config, sequence_parallel=False),
                             vocab_padded=padded_vocab_size(50, 2))
