@@ -176,6 +176,21 @@ def torchrun_train(config: Path, *overrides: str, nproc: int = 4, timeout=900) -
     torchrun(nproc, "-m", "titans_scale.cli", "train", "--config", config, *overrides, timeout=timeout)
 
 
+def bpe_tokenizer(path: Path, text: str, vocab_size: int = 300,
+                  special_tokens: tuple[str, ...] = ("<|endoftext|>", "<pad>")) -> Path:
+    """A small byte-level BPE tokenizer.json trained here on `text` (no download)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([text * 20], trainer)
+    tok.save(str(path))
+    return path
+
+
 def prepare_shards(out: Path) -> Path:
     cli("prepare", "--source", "embedded", "--out", out, "--max-bytes", "300000")
     return out

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers import bpe_tokenizer
 from titans_scale.data.corpus import embedded_corpus, split_of
 from titans_scale.data.loader import TokenLoader
 from titans_scale.data.shards import open_shards, prepare_corpus
@@ -20,19 +21,8 @@ BYTE = ByteTokenizer()
 
 @pytest.fixture(scope="module")
 def hf_path(tmp_path_factory):
-    """A small byte-level BPE tokenizer.json trained here (no download)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     text = "The pass key is 12345. The grass is green. The value of key bamevi is 6281. def f(x): return x\n"
-    tok.train_from_iterator([text * 20], trainer)
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    tok.save(str(path))
-    return path
+    return bpe_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.json", text, vocab_size=400)
 
 
 class WideTokenizer(ByteTokenizer):

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import titans_scale.hf  # noqa: F401  (registers the Auto classes)
-from tests.helpers import fixed_batch, leftovers, logits_of, make_run
+from tests.helpers import bpe_tokenizer, fixed_batch, leftovers, logits_of, make_run
 from titans_scale import convert
 from titans_scale.cli import main as cli_main
 from titans_scale.convert.hf import HfReader, export_hf
@@ -64,22 +64,8 @@ def test_exported_folder_reads_as_a_checkpoint(exported, tmp_path):
     assert torch.equal(logits_of(convert.load_model(out), fixed_batch(cfg)), logits_of(model, fixed_batch(cfg)))
 
 
-def _bpe_tokenizer(path):
-    """A small byte-level BPE tokenizer.json trained here (no download)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(["The pass key is 12345. def f(x): return x + 1\n" * 20], trainer)
-    tok.save(str(path))
-    return path
-
-
 def test_tokenizer_json_run_exports_its_file(tmp_path):
-    tok_path = _bpe_tokenizer(tmp_path / "tokenizer.json")
+    tok_path = bpe_tokenizer(tmp_path / "tokenizer.json", "The pass key is 12345. def f(x): return x + 1\n")
     ours = HFTokenizer(tok_path)
     run, cfg, model, _ = make_run(tmp_path, vocab_size=ours.vocab_size)
     hf = tmp_path / "hf"

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from tests.helpers import ENV, cli, losses, tree_sha, write_micro
+from tests.helpers import ENV, bpe_tokenizer, cli, losses, tree_sha, write_micro
 from titans_scale.train.metrics import read_metrics
 
 @pytest.fixture(scope="module")
@@ -172,17 +172,11 @@ def test_bad_values_give_one_line(tmp_path, shards, reference_run):
 
 
 def test_tokenizer_mismatch_is_refused(tmp_path, shards, reference_run):
-    tok = pytest.importorskip("tokenizers")
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    t = Tokenizer(models.BPE(unk_token="[UNK]"))
-    t.pre_tokenizer = pre_tokenizers.ByteLevel()
-    t.train_from_iterator(["def f(x): return x + 1"] * 50,
-                          trainers.BpeTrainer(vocab_size=300, special_tokens=["[UNK]"]))
-    t.save(str(tmp_path / "tokenizer.json"))
+    pytest.importorskip("tokenizers")
+    bpe_tokenizer(tmp_path / "tokenizer.json", "def f(x): return x + 1\n")
     cfg = write_micro(tmp_path, shards)
     r = cli("train", "--config", cfg, f"data.tokenizer={tmp_path}/tokenizer.json", check=False)
     _one_error_line(r, "tokenizer")
-    del tok
 
 
 def test_eval_reports_perplexity_and_needle_accuracy(reference_run):
