@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from titans_scale.data.loader import TokenLoader
+from titans_scale.data.loader import TokenLoader, check_same_stream
 from titans_scale.data.tokenizer import Tokenizer
 from titans_scale.errors import DataError
 
@@ -94,10 +94,7 @@ class BlendLoader:
                 **self._identity()}
 
     def load_state_dict(self, state: dict) -> None:
-        for key, ours in self._identity().items():
-            if state.get(key) != ours:
-                raise DataError(f"data loader state has {key}={state.get(key)!r} but this run has {key}={ours!r}; "
-                                "resume with the same data.blend, tokenizer, seed and seq_len")
+        check_same_stream(state, self._identity(), "data.blend")
         self.batches = int(state["batches"])
         self.consumed = np.array(state["consumed"], dtype=np.int64)
 

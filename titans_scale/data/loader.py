@@ -35,6 +35,14 @@ def _rng(*xs: int) -> np.random.Generator:
     return np.random.default_rng([x % (1 << 64) for x in xs])
 
 
+def check_same_stream(saved: dict, ours: dict, setting: str) -> None:
+    """Refuse a loader state saved for another stream (its identity: `ours`) in one line."""
+    for key, value in ours.items():
+        if saved.get(key) != value:
+            raise DataError(f"data loader state has {key}={saved.get(key)!r} but this run has {key}={value!r}; "
+                            f"resume with the same {setting}, tokenizer, seed and seq_len")
+
+
 class TokenLoader:
     def __init__(self, shard_dir: str | Path, split: str, seq_len: int, batch_size: int, seed: int = 0,
                  rank: int = 0, world_size: int = 1, tokenizer: Tokenizer | None = None) -> None:
@@ -128,12 +136,9 @@ class TokenLoader:
         return {"consumed": self.consumed, "global_batch": self.global_batch, **self._identity()}
 
     def load_state_dict(self, state: dict) -> None:
-        for key, ours in self._identity().items():
-            if state.get(key) != ours:
-                raise DataError(f"data loader state has {key}={state.get(key)!r} but this run has {key}={ours!r}; "
-                                "resume with the same data, tokenizer, seed and seq_len")
+        check_same_stream(state, self._identity(), "data")
         # A different global batch is allowed: the stream goes on from the same window.
         self.consumed = int(state["consumed"])
 
 
-__all__ = ["TokenLoader"]
+__all__ = ["TokenLoader", "check_same_stream"]
