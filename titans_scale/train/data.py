@@ -62,6 +62,15 @@ class RecallMix:
         return kw
 
 
+def prepare_data(cfg: RunConfig, tokenizer=None) -> None:
+    """Prepare the shards of data.source (once; a no-op when they are there). A blend reads
+    data prepared beforehand."""
+    d = cfg.data
+    if not d.blend:
+        prepare_corpus(d.shard_dir, tokenizer or load_tokenizer(d.tokenizer), sources_of(d.source),
+                       max_bytes=d.max_bytes)
+
+
 class RunData:
     def __init__(self, cfg: RunConfig, rank: int = 0, world_size: int = 1):
         d = cfg.data
@@ -81,8 +90,8 @@ class RunData:
         if d.pack and par.cp > 1:
             raise ConfigError("data.pack is not supported with context parallelism yet (parallel.cp > 1): documents "
                               "would leak across shard boundaries; set parallel.cp = 1 or data.pack = false")
-        if rank == 0 and not d.blend:         # a blend reads data prepared beforehand
-            prepare_corpus(d.shard_dir, self.tokenizer, sources_of(d.source), max_bytes=d.max_bytes)
+        if rank == 0:
+            prepare_data(cfg, self.tokenizer)
         if world_size > 1:
             torch.distributed.barrier()
         self.rank, self.world_size = rank, world_size

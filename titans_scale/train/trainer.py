@@ -24,13 +24,11 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from titans_scale.config import RunConfig
 from titans_scale.config_io import save_config
-from titans_scale.data.shards import prepare_corpus
-from titans_scale.data.tokenizer import load_tokenizer
 from titans_scale.errors import CheckpointError, TitansError
 from titans_scale.flops import model_flops_per_token
 from titans_scale.io.commit import checkpoint_dir, resume_checkpoint
 from titans_scale.parallel.layout import Layout
-from titans_scale.train.data import RunData, sources_of
+from titans_scale.train.data import RunData, prepare_data
 from titans_scale.train.engine import Engine, LocalEngine
 from titans_scale.train.hardware import configure_host, peak_flops, peak_memory_gb
 from titans_scale.train.metrics import MetricsLogger
@@ -82,8 +80,7 @@ class Trainer:
         self.run_dir = Path(t.run_dir)
         if self.engine.world_size > 1:      # prepare the shards once; the other ranks then only read them
             if self.engine.is_writer:
-                d = cfg.data
-                prepare_corpus(d.shard_dir, load_tokenizer(d.tokenizer), sources_of(d.source), max_bytes=d.max_bytes)
+                prepare_data(cfg)
             self.engine.barrier()
         self.data = RunData(cfg, rank=self.engine.dp_rank, world_size=self.engine.dp_size)
         self.lr_at = lr_lambda(cfg.optim, t.steps)
