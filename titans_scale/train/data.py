@@ -78,9 +78,6 @@ class RunData:
             raise ConfigError("data.recall_loss='answers' / data.corpus_loss_fraction < 1 need the single-process "
                               "trainer (the parallel runtime's vocab-parallel loss does not skip ignored targets); "
                               "use 'lm' and 1.0")
-        if d.pack and par.cp > 1:
-            raise ConfigError("data.pack is not supported with context parallelism yet (parallel.cp > 1): documents "
-                              "would leak across shard boundaries; set parallel.cp = 1 or data.pack = false")
         if rank == 0 and not d.blend:         # a blend reads data prepared beforehand
             prepare_corpus(d.shard_dir, self.tokenizer, sources_of(d.source), max_bytes=d.max_bytes)
         if world_size > 1:

@@ -27,6 +27,8 @@ segment tails, the conv cache). So
     ranks (its halo) and runs its ORIGINAL forward with them as its state; the memory's scan
     function (NeuralMemory.scan_fn) becomes cp_memory_scan, which carries the memory across
     the shards. LMM, MAG and MAL run their own forward around them, unchanged;
+  * a Block becomes CPBlock, which hands its mixer packed rows' documents re-laid across
+    the group (documents.py) instead of this rank's shard;
   * MAC reads its memory's pieces with inputs that depend on the memory state (above), so
     it runs whole as a ring: rank r resumes MAC's own streaming state (a torch pytree) from
     rank r-1 (ring.ring_forward);
@@ -41,6 +43,9 @@ Contract (for the trainer):
   * every CP rank calls model(tokens_shard) with its contiguous shard of the same
     sequences (split with shard_bounds / local_shard, any non-empty split works) and a
     fresh state (state=None, position 0); logits come back for the local tokens;
+  * packed rows: model(tokens_shard, cu_seqlens=...) with the cu_seqlens of the WHOLE rows
+    (the same on every rank); each Block re-lays the documents across the group
+    (documents.py), so every document gives its logits alone, under every strategy;
   * every rank runs forward and backward of every step (collectives in both);
   * the loss is the local token loss normalised by the GLOBAL token count; gradients of
     all parameters are then partial sums over the CP group: all-reduce (sum) them over
@@ -62,9 +67,11 @@ import torch.utils._pytree as pytree
 
 from titans_scale.model.memory import NeuralMemory
 from titans_scale.model.mixers import MAC, MIXER_CLASSES, FullAttention, SegmentAttention, SlidingWindow
+from titans_scale.model.titans import Block
 from titans_scale.ops.state import MemoryState
 
 from .comm import CPComm
+from .documents import PackedRows
 from .halo import gather_prefix, prefix_halo
 from .ring import ring_forward
 from .scan import check_memory_strategy, cp_memory_scan
@@ -220,6 +227,16 @@ class CPRingMixer(CPMixer):
         return out, pytree.tree_unflatten(final, pytree.tree_structure(memory))
 
 
+class CPBlock(Block):
+    """A Block of a CP model: packed rows' documents (cu_seqlens) are re-laid across the group
+    before its mixer runs on them (documents.py), not on this rank's shard alone."""
+
+    _cp_original = Block
+
+    def forward(self, x, state, pos0, docs=None):
+        return super().forward(x, state, pos0, None if docs is None else self._cp.of(docs))
+
+
 _KINDS = {cls: kind for kind, cls in MIXER_CLASSES.items()}
 # Mixers that read their memory's pieces (not its forward) with inputs that depend on the
 # memory state: no scan function can split them, so they run whole as a ring.
@@ -309,6 +326,13 @@ def apply_context_parallel(model: nn.Module, cp_group=None, strategy: str = "aut
     mixers = list(_mixers(model))
     chosen = [mixer_strategy(m, strategy, comm.size) for m in mixers]      # validate all first
     remove_context_parallel(model)                                          # applying again replaces it
+    # packed rows: one re-layout per batch shared by every Block, its document shards on the chunk grid
+    chunk = next((m.chunk_size for m in model.modules() if isinstance(m, NeuralMemory)), 1)
+    packed = PackedRows(comm, chunk)
+    for block in model.modules():
+        if type(block) is Block:
+            block.__class__ = CPBlock
+            block._cp = packed
     for mixer, s in zip(mixers, chosen):
         ctx = CPContext(comm, s, micro_batches)
         cls = type(mixer)
