@@ -18,7 +18,7 @@ import copy
 import pytest
 import torch
 
-from tests.helpers import cu_seqlens_of, documents_of, rel_err
+from tests.helpers import check_every_rank, cu_seqlens_of, documents_of, reference, rel_err, spawn_layouts
 from titans_scale.model import ModelConfig, TitansLM
 from titans_scale.model.memory import NeuralMemory
 from titans_scale.parallel.context import CPComm, apply_context_parallel, cp_allreduce_grads
@@ -116,3 +116,14 @@ def test_packed_rows_under_cp_equal_each_document_alone(runs, case):
         assert got["grads"] < tol, f"rank {rank}: gradients off by {got['grads']:.2e}"
     unpacked = max(out[case]["unpacked"] for out in runs)     # (a rank may hold one document only)
     assert unpacked > 1e-3, f"without boundaries only {unpacked:.2e} off"
+
+
+@pytest.mark.slow
+def test_packed_rows_under_tp2_sp_x_cp2_match_one_process():
+    """The runtime with TP=2 (SP) x CP=2 on packed rows of a model of every mixer: 4 ranks, the
+    single-process losses and step-1 gradients (tests/helpers.PACKED_LENGTHS, 1e-5)."""
+    layouts = {"tp2_sp_cp2": dict(tp=2, sp=True, cp=2, cp_strategy="auto", packed=True)}
+    runs = spawn_layouts(4, layouts)
+    for rank_result in runs:
+        assert "CP=2" in rank_result["tp2_sp_cp2"]["describe"]
+    check_every_rank(runs, "tp2_sp_cp2", reference(packed=True))
