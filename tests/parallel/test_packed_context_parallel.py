@@ -8,7 +8,9 @@ rank's tokens and every parameter gradient (summed over the group) must equal th
 document run alone, unsharded: fp32 1e-5 per strategy (a2a, state_passing, ring with MAC),
 float64 1e-9 for the memory implementations naive / chunked / fused. The same CP model given
 the rows without cu_seqlens (no document boundaries) is off by far more, so the comparison
-can fail.
+can fail. The runtime's CP=2 packed training run is in test_parity_packed.py.
+
+Slow: TP=2 (SP) x CP=2 through the runtime, 4 ranks, every mixer, against one process.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
 
 # Per row, its documents' lengths; CUT: rank 0 holds tokens [0, CUT) of each row, rank 1 the rest.
 ROWS, CUT = [[3, 13, 21], [30, 7]], 17
-# Two length buckets (ops/varlen.py: up to 64 tokens, up to 128), cut on the chunk grid.
-TWO_BUCKETS, CUT_TWO = [[70, 3, 27], [100]], 45
+# Two length buckets (ops/varlen.py: up to 64 tokens, one document; up to 128), cut on the chunk grid.
+TWO_BUCKETS, CUT_TWO = [[70, 30], [100]], 45
 # Documents so short that their bucket (3 tokens) has fewer chunks than ranks: split per token.
 TINY, CUT_TINY = [[3, 1], [2, 2]], 2
 ATTENTION = ["swa", "seg", "attn"]

@@ -113,13 +113,16 @@ class CPDocuments(Documents):
             plan = self._plan(x.shape[0], ShardInfo.gather(comm, x.shape[dim]), x.device)
             xs = x.movedim(dim, 1)
             flat = xs.reshape(-1, *xs.shape[2:])
-            got = _exchange(comm, flat.index_select(0, plan.send), plan.send_counts, plan.recv_counts)
+            with comm.scope("documents"):
+                got = _exchange(comm, flat.index_select(0, plan.send), plan.send_counts, plan.recv_counts)
             got = torch.cat([got, got.new_zeros(1, *got.shape[1:])]).index_select(0, plan.place)
             parts = got.split([n * t for n, t in plan.shapes])
             outs = [fn(p.view(n, t, *p.shape[1:]).movedim(1, dim)).movedim(dim, 1)
                     for p, (n, t) in zip(parts, plan.shapes)]
             out = torch.cat([o.reshape(-1, *o.shape[2:]) for o in outs]).index_select(0, plan.back)
-            out = _exchange(comm, out, plan.recv_counts, plan.send_counts).index_select(0, plan.unsend)
+            with comm.scope("documents"):
+                out = _exchange(comm, out, plan.recv_counts, plan.send_counts)
+            out = out.index_select(0, plan.unsend)
             out = out.view(xs.shape[0], xs.shape[1], *out.shape[1:]).movedim(1, dim)
         except BaseException:
             comm.abort()
