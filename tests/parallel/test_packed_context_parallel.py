@@ -10,17 +10,20 @@ float64 1e-9 for the memory implementations naive / chunked / fused. The same CP
 the rows without cu_seqlens (no document boundaries) is off by far more, so the comparison
 can fail. The runtime's CP=2 packed training run is in test_parity_packed.py.
 
-Slow: TP=2 (SP) x CP=2 through the runtime, 4 ranks, every mixer, against one process.
+Slow: TP=2 (SP) x CP=2 through the runtime, 4 ranks, every mixer, against one process; and
+`titans-scale train` with data.pack under torchrun with parallel.cp=2 against one process.
 """
 
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
 
-from tests.helpers import check_every_rank, cu_seqlens_of, documents_of, reference, rel_err, spawn_layouts
+from tests.helpers import (SHORT_TRAIN, check_every_rank, cu_seqlens_of, documents_of, losses, micro_config,
+                           prepare_shards, reference, rel_err, run_command, spawn_layouts, torchrun, write_config)
 from titans_scale.model import ModelConfig, TitansLM
 from titans_scale.model.memory import NeuralMemory
 from titans_scale.parallel.context import CPComm, apply_context_parallel, cp_allreduce_grads
@@ -129,3 +132,19 @@ def test_packed_rows_under_tp2_sp_x_cp2_match_one_process():
     for rank_result in runs:
         assert "CP=2" in rank_result["tp2_sp_cp2"]["describe"]
     check_every_rank(runs, "tp2_sp_cp2", reference(packed=True))
+
+
+@pytest.mark.slow
+def test_cli_trains_packed_rows_under_cp2(tmp_path):
+    """`titans-scale train` with data.pack = true under torchrun, parallel.cp=2: the losses of the
+    single-process trainer on the same packed rows (1e-5 relative per step)."""
+    shards = prepare_shards(tmp_path / "shards")
+    config = write_config(tmp_path / "pack.toml", micro_config(
+        shards, tmp_path / "one", data={"pack": True}, train={**SHORT_TRAIN, "steps": 3, "ckpt_every": 100}))
+    train = ["-m", "titans_scale.cli", "train", "--config", str(config)]
+    torchrun(2, *train, "parallel.cp=2", f"train.run_dir={tmp_path / 'cp2'}")
+    run_command([sys.executable, *train])
+    cp2, one = losses(tmp_path / "cp2"), losses(tmp_path / "one")
+    assert sorted(cp2) == sorted(one) == [1, 2, 3], (cp2, one)
+    for step, want in one.items():
+        assert abs(cp2[step] - want) <= 1e-5 * want, f"step {step}: CP=2 loss {cp2[step]} vs one process {want}"
