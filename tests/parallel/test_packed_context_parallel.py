@@ -10,8 +10,9 @@ float64 1e-9 for the memory implementations naive / chunked / fused. The same CP
 the rows without cu_seqlens (no document boundaries) is off by far more, so the comparison
 can fail. The runtime's CP=2 packed training run is in test_parity_packed.py.
 
-Slow: TP=2 (SP) x CP=2 through the runtime, 4 ranks, every mixer, against one process; and
-`titans-scale train` with data.pack under torchrun with parallel.cp=2 against one process.
+Slow: the Triton kernels (interpreter, fp32 1e-5); TP=2 (SP) x CP=2 through the runtime, 4
+ranks, every mixer, against one process; `titans-scale train` with data.pack under torchrun
+with parallel.cp=2 against one process.
 """
 
 from __future__ import annotations
@@ -100,19 +101,12 @@ def _case(comm, strategy, layers, depth, dtype, impl, lengths, cut) -> dict:
     }
 
 
-def _checks() -> dict:
+def _checks(cases: dict) -> dict:
     comm = CPComm()
-    return {name: _case(comm, *case[:-1]) for name, case in CASES.items()}
+    return {name: _case(comm, *case[:-1]) for name, case in cases.items()}
 
 
-@pytest.fixture(scope="module")
-def runs():
-    return run_distributed(_checks, 2, timeout_s=600)
-
-
-@pytest.mark.parametrize("case", CASES)
-def test_packed_rows_under_cp_equal_each_document_alone(runs, case):
-    tol = CASES[case][-1]
+def _check(runs: list[dict], case: str, tol: float) -> None:
     for rank, out in enumerate(runs):
         got = out[case]
         assert got["state"] is None, "packed rows return no state"
@@ -121,6 +115,23 @@ def test_packed_rows_under_cp_equal_each_document_alone(runs, case):
         assert got["grads"] < tol, f"rank {rank}: gradients off by {got['grads']:.2e}"
     unpacked = max(out[case]["unpacked"] for out in runs)     # (a rank may hold one document only)
     assert unpacked > 1e-3, f"without boundaries only {unpacked:.2e} off"
+
+
+@pytest.fixture(scope="module")
+def runs():
+    return run_distributed(_checks, 2, CASES, timeout_s=600)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_packed_rows_under_cp_equal_each_document_alone(runs, case):
+    _check(runs, case, CASES[case][-1])
+
+
+@pytest.mark.slow
+def test_packed_rows_under_cp_with_the_triton_memory_kernels():
+    """impl='triton' (fp32 only; the interpreter on CPU, ~30 s a run) under a2a."""
+    cases = {"a2a_triton": ("a2a", ["mag", "lmm"], 2, F32, "triton", ROWS, CUT, 1e-5)}
+    _check(run_distributed(_checks, 2, cases, timeout_s=900), "a2a_triton", 1e-5)
 
 
 @pytest.mark.slow
