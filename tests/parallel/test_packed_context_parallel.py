@@ -39,6 +39,8 @@ ROWS, CUT = [[3, 13, 21], [30, 7]], 17
 TWO_BUCKETS, CUT_TWO = [[70, 30], [100]], 45
 # Documents so short that their bucket (3 tokens) has fewer chunks than ranks: split per token.
 TINY, CUT_TINY = [[3, 1], [2, 2]], 2
+# Every document inside one shard: nothing crosses ranks, each rank runs its own documents.
+NO_SPANNING = [[17, 20], [5, 12, 20]]
 ATTENTION = ["swa", "seg", "attn"]
 F32, F64 = torch.float32, torch.float64
 CASES = {   # name: (strategy, mixers, memory depth, dtype, memory impl, rows, cut, tolerance)
@@ -50,6 +52,7 @@ CASES = {   # name: (strategy, mixers, memory depth, dtype, memory impl, rows, c
     "ring_fused_f64": ("ring", ["mac", "lmm"], 2, F64, "fused", ROWS, CUT, 1e-9),
     "ring_two_buckets": ("ring", ["mac", "mag", "swa"], 2, F32, "auto", TWO_BUCKETS, CUT_TWO, 1e-5),
     "a2a_tiny_documents": ("a2a", ["mag", "seg"], 2, F32, "auto", TINY, CUT_TINY, 1e-5),
+    "ring_no_spanning": ("ring", ["mac", "mal", "attn"], 2, F32, "auto", NO_SPANNING, CUT, 1e-5),
 }
 
 

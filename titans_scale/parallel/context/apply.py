@@ -68,6 +68,7 @@ import torch.utils._pytree as pytree
 from titans_scale.model.memory import NeuralMemory
 from titans_scale.model.mixers import MAC, MIXER_CLASSES, FullAttention, SegmentAttention, SlidingWindow
 from titans_scale.model.titans import Block
+from titans_scale.ops.memory import memory_scan
 from titans_scale.ops.state import MemoryState
 
 from .comm import CPComm
@@ -92,6 +93,9 @@ class CPContext:
                     ln_weight=None, ln_bias=None):
         """NeuralMemory.scan_fn under CP: the memory op on this rank's shard (init: the
         sequence's start state); returns the state after the whole sequence."""
+        if self.comm.alone:
+            return memory_scan(q, k, v, theta, eta, alpha, init, chunk_size, impl, recompute_group=recompute_group,
+                               ln_weight=ln_weight, ln_bias=ln_bias)
         return cp_memory_scan(q, k, v, theta, eta, alpha, init, chunk_size, self.comm, self.strategy, impl,
                               recompute_group, self.micro_batches, self.info, ln_weight=ln_weight, ln_bias=ln_bias)
 
@@ -134,6 +138,8 @@ class ShardSlidingWindow(SlidingWindow):
     _cp_original = SlidingWindow
 
     def forward(self, x, state, pos0):
+        if self._cp.comm.alone:
+            return super().forward(x, state, pos0)
         _fresh(state)
         return super().forward(x, self._cp.halo(x, self.window - 1), pos0 + self._cp.info.offset())
 
@@ -145,6 +151,8 @@ class ShardSegmentAttention(SegmentAttention):
     _cp_original = SegmentAttention
 
     def forward(self, x, state, pos0):
+        if self._cp.comm.alone:
+            return super().forward(x, state, pos0)
         _fresh(state)
         info = self._cp.info
         need = [info.offset(r) % self.segment for r in range(info.size)]
@@ -158,6 +166,8 @@ class ShardFullAttention(FullAttention):
     _cp_original = FullAttention
 
     def forward(self, x, state, pos0):
+        if self._cp.comm.alone:
+            return super().forward(x, state, pos0)
         _fresh(state)
         ctx = self._cp
         with ctx.comm.scope("halo"):
@@ -173,6 +183,8 @@ class ShardNeuralMemory(NeuralMemory):
     _cp_original = NeuralMemory
 
     def forward(self, x, state=None):
+        if self._cp.comm.alone:
+            return super().forward(x, state)
         _fresh(state)
         before = self._cp.halo(x, self.conv.kernel - 1)
         return super().forward(x, self.initial_state(x.shape[0], x.device, before))
@@ -190,6 +202,8 @@ class CPMixer(nn.Module):
     work around the mixer's own forward (see the module docstring)."""
 
     def forward(self, x, state, pos0):
+        if self._cp.comm.alone:
+            return self._mixer_forward(x, state, pos0)
         _fresh(state)
         ctx = self._cp
         ctx.comm.begin(x)

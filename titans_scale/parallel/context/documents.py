@@ -1,27 +1,29 @@
-"""Packed rows (cu_seqlens) under context parallelism: the documents re-laid across the group.
+"""Packed rows (cu_seqlens) under context parallelism: local documents alone, the rest re-laid.
 
 On one device a Block runs its mixer on a packed batch's documents re-laid one per row
 (ops/varlen.DocumentLayout, a few length buckets). Under CP rank r holds the contiguous shard
-[o_r, o_r + L_r) of every packed row, and a document may start and end inside a shard or span
-several. Rather than teach each memory strategy, halo and the MAC ring to reset at document
-starts, the ranks re-lay the documents together:
+[o_r, o_r + L_r) of every packed row, and a document may lie inside a shard or span several.
+Rather than teach each memory strategy, halo and the MAC ring to reset at document starts:
 
-  * every rank builds the same DocumentLayout of the WHOLE rows (cu_seqlens and the gathered
-    shard lengths are known everywhere): per bucket, document rows [n_b, T_b];
-  * each bucket's document rows are split over the group like any sequence (shard_bounds on
-    the memory's chunk grid when the bucket is long enough, else per token; padded to at least
-    P tokens so every rank holds one);
-  * one all-to-all moves every token from the rank holding it in the packed row to the rank
-    holding it in the document row; the CP mixer runs unchanged on each bucket (each document
-    is a sequence from position 0 sharded over the group: memory from W^0, halos and MAC
-    segments within the document, RoPE from 0, as on one device); a second all-to-all brings
-    the outputs back.
+  * each rank cuts its shard of every row at the document starts inside it and runs the mixer
+    on those pieces as on one device (a DocumentLayout of its own, the CP modules switched to
+    no transfers: CPComm.alone_). A document inside the shard is then exact, with no
+    communication;
+  * the documents that span shards (at most one per row and shard boundary) are re-laid across
+    the group: every rank builds the same DocumentLayout of the WHOLE rows (cu_seqlens and the
+    gathered shard lengths are known everywhere) and keeps those documents; each bucket's
+    document rows are split over the group like any sequence (shard_bounds on the memory's
+    chunk grid when the bucket is long enough, else per token; padded to at least P tokens);
+    one all-to-all moves each of their tokens to the rank holding it in the document row, the
+    CP mixer runs unchanged on each bucket (a sequence from position 0 sharded over the group:
+    memory from W^0, halos and MAC segments within the document, RoPE from 0, as on one
+    device), and a second all-to-all brings the outputs back, replacing those of the pieces.
 
-Exact for every strategy and mixer because it is the CP path of ordinary sequences; padding
-sits after a document's end, so causality keeps it out. Cost per Block and step: two
-all-to-alls of the mixer's input and output (forward and again backward; (P-1)/P of the
-B L_r D elements cross ranks), on top of the strategy's own traffic, and the buckets' padding
-(as on one device, plus up to P-1 tokens per bucket).
+Exact for every strategy and mixer: one device's path for local documents, the CP path of
+ordinary sequences for spanning ones; padding sits after a document's end, so causality keeps
+it out. Cost per Block and step: the spanning documents' tokens cross ranks twice (forward and
+again backward) on top of the strategy's traffic for them; their pieces are also run locally
+and discarded (at most two pieces per row and rank).
 """
 
 from __future__ import annotations
@@ -38,47 +40,58 @@ from .shard import ShardInfo, shard_bounds
 
 
 class _Plan:
-    """Where each token goes, for one (rows, shard lengths) of one packed batch, on this rank."""
+    """For one (rows, shard lengths) of a packed batch, on this rank: the layout of its own
+    pieces (its shard of every row cut at each document start inside it), and where the tokens
+    of the documents that span shards go and come back from."""
 
-    def __init__(self, layout: DocumentLayout, info: ShardInfo, multiple: int):
-        B, L, P, me = layout.batch, layout.length, info.size, info.rank
+    def __init__(self, cu_seqlens: torch.Tensor, batch: int, info: ShardInfo, multiple: int, buckets, device):
+        B, L, P, me = batch, info.total, info.size, info.rank
+        a, Lr = info.offset(), info.length
+        cu = cu_seqlens.to("cpu", torch.int64)
+        col = cu[:-1] % L
+        inside = (col >= a) & (col < a + Lr)
+        pieces = torch.cat([torch.arange(B + 1) * Lr, (cu[:-1] // L * Lr + col - a)[inside]])
+        self.local = DocumentLayout(torch.unique(pieces).to(device), B, Lr, buckets)
+        # the documents whose first and last tokens lie on different ranks, bucketed by length
+        # as on one device, each bucket's document rows split over the group like a sequence
         pad = B * L                                             # the layout's padding index
         ends = torch.tensor([info.offset(r + 1) for r in range(P)])
+        owner = lambda g: torch.searchsorted(ends, g % L, right=True)  # noqa: E731
         self.shapes: list[tuple[int, int]] = []                 # this rank's [n_b, len] per bucket
-        need = [[] for _ in range(P)]                           # flat indices each rank's buckets hold
-        for bucket in layout.buckets:
-            index = bucket.index.cpu()
-            n, T = index.shape
+        need = [[torch.zeros(0, dtype=torch.int64)] for _ in range(P)]   # flat indices each rank holds
+        for bucket in DocumentLayout(cu, B, L, buckets).buckets:
+            index = bucket.index
+            real = (index < pad).sum(1)
+            spans = owner(index[:, 0]) != owner(index.gather(1, real[:, None] - 1)[:, 0])
+            if not bool(spans.any()):
+                continue
+            index, T = index[spans], int(real[spans].max())
             m = multiple if -(-T // multiple) >= P else 1
-            T = max(T, P)
-            index = torch.cat([index, index.new_full((n, T - index.shape[1]), pad)], dim=1)
-            for r, (a, b) in enumerate(shard_bounds(T, P, m)):
-                need[r].append(index[:, a:b].flatten())
+            index = torch.cat([index[:, :T], index.new_full((len(index), max(0, P - T)), pad)], dim=1)
+            for r, (lo, hi) in enumerate(shard_bounds(index.shape[1], P, m)):
+                need[r].append(index[:, lo:hi].flatten())
                 if r == me:
-                    self.shapes.append((n, b - a))
+                    self.shapes.append((len(index), hi - lo))
         need = [torch.cat(ts) for ts in need]
-        owner = [torch.where(g < pad, torch.searchsorted(ends, g % L, right=True), -1) for g in need]
+        owners = [torch.where(g < pad, owner(g), -1) for g in need]
         # receive: my layout's tokens grouped by the rank that holds them (in layout order)
-        mine = owner[me]
+        mine = owners[me]
         recv = [(mine == s).nonzero().flatten() for s in range(P)]
         self.recv_counts = [len(t) for t in recv]
         order = torch.cat(recv)
-        self.place = torch.full((len(mine),), len(order), dtype=torch.int64)    # padding: a zero row
-        self.place[order] = torch.arange(len(order))
-        self.back = order                                       # my layout rows to return, by rank
+        place = torch.full((len(mine),), len(order), dtype=torch.int64)    # padding: a zero row
+        place[order] = torch.arange(len(order))
         # send: the tokens I hold that rank r's layout wants, as rows of my [B * L_r] shard
-        a, Lr = info.offset(), info.length
-        sends = [need[r][owner[r] == me] for r in range(P)]
+        sends = [need[r][owners[r] == me] for r in range(P)]
         self.send_counts = [len(t) for t in sends]
         g = torch.cat(sends)
-        self.send = (g // L) * Lr + (g % L - a)
-        self.unsend = torch.empty(B * Lr, dtype=torch.int64)
-        self.unsend[self.send] = torch.arange(len(g))
-
-    def to(self, device) -> "_Plan":
-        for name in ("place", "back", "send", "unsend"):
-            setattr(self, name, getattr(self, name).to(device))
-        return self
+        send = (g // L) * Lr + (g % L - a)
+        unsend = torch.full((B * Lr,), len(g), dtype=torch.int64)           # not spanning: a zero row
+        unsend[send] = torch.arange(len(g))
+        spanning = torch.zeros(B * Lr, dtype=torch.bool)
+        spanning[send] = True
+        self.place, self.back, self.send, self.unsend, self.spanning = (
+            t.to(device) for t in (place, order, send, unsend, spanning))
 
 
 def _exchange(comm: CPComm, rows: torch.Tensor, in_counts: list[int], out_counts: list[int]) -> torch.Tensor:
@@ -101,8 +114,7 @@ class CPDocuments(Documents):
     def _plan(self, batch: int, info: ShardInfo, device) -> _Plan:
         key = (batch, info.lengths)
         if key not in self._plans:           # once per batch shape: every layer shares it
-            layout = DocumentLayout(self.cu_seqlens, batch, info.total, self.buckets)
-            self._plans[key] = _Plan(layout, info, self.multiple).to(device)
+            self._plans[key] = _Plan(self.cu_seqlens, batch, info, self.multiple, self.buckets, device)
         return self._plans[key]
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, dim: int = 1) -> torch.Tensor:
@@ -111,23 +123,39 @@ class CPDocuments(Documents):
         comm.begin(x)
         try:
             plan = self._plan(x.shape[0], ShardInfo.gather(comm, x.shape[dim]), x.device)
-            xs = x.movedim(dim, 1)
-            flat = xs.reshape(-1, *xs.shape[2:])
-            with comm.scope("documents"):
-                got = _exchange(comm, flat.index_select(0, plan.send), plan.send_counts, plan.recv_counts)
-            got = torch.cat([got, got.new_zeros(1, *got.shape[1:])]).index_select(0, plan.place)
-            parts = got.split([n * t for n, t in plan.shapes])
-            outs = [fn(p.view(n, t, *p.shape[1:]).movedim(1, dim)).movedim(dim, 1)
-                    for p, (n, t) in zip(parts, plan.shapes)]
-            out = torch.cat([o.reshape(-1, *o.shape[2:]) for o in outs]).index_select(0, plan.back)
-            with comm.scope("documents"):
-                out = _exchange(comm, out, plan.recv_counts, plan.send_counts)
-            out = out.index_select(0, plan.unsend)
-            out = out.view(xs.shape[0], xs.shape[1], *out.shape[1:]).movedim(1, dim)
+            with comm.alone_():              # this rank's pieces, as on one device
+                out = plan.local.map(fn, x, dim)
+            if plan.shapes:                  # documents spanning shards (every rank knows if any)
+                out = self._spanning(plan, fn, x, out, dim)
         except BaseException:
             comm.abort()
             raise
         return comm.end(out)
+
+    def _spanning(self, plan: _Plan, fn, x: torch.Tensor, local: torch.Tensor, dim: int) -> torch.Tensor:
+        """local with the tokens of documents that span shards replaced by fn on them re-laid
+        across the group (one all-to-all there, the CP mixer on each bucket, one back)."""
+        comm = self.comm
+        xs = x.movedim(dim, 1)
+        flat = xs.reshape(-1, *xs.shape[2:])
+        with comm.scope("documents"):
+            got = _exchange(comm, flat.index_select(0, plan.send), plan.send_counts, plan.recv_counts)
+        got = _with_zero_row(got).index_select(0, plan.place)
+        parts = got.split([n * t for n, t in plan.shapes])
+        outs = [fn(p.view(n, t, *p.shape[1:]).movedim(1, dim)).movedim(dim, 1)
+                for p, (n, t) in zip(parts, plan.shapes)]
+        out = torch.cat([o.reshape(-1, *o.shape[2:]) for o in outs]).index_select(0, plan.back)
+        with comm.scope("documents"):
+            out = _exchange(comm, out, plan.recv_counts, plan.send_counts)
+        out = _with_zero_row(out).index_select(0, plan.unsend)
+        local = local.movedim(dim, 1)
+        keep = plan.spanning.view(-1, *[1] * (out.dim() - 1))
+        out = torch.where(keep, out, local.reshape(out.shape))
+        return out.view(local.shape).movedim(1, dim)
+
+
+def _with_zero_row(t: torch.Tensor) -> torch.Tensor:
+    return torch.cat([t, t.new_zeros(1, *t.shape[1:])])
 
 
 class PackedRows:
