@@ -4,8 +4,9 @@ A 2-layer model (MAG + LMM, linear memory so every strategy applies) on one row 
 packed with many short documents (lengths uniform in [32, 512], seeded), CP = 2 ranks per
 strategy, one forward + backward step each: median step time (max over ranks) with the rows
 packed (cu_seqlens) and the same rows unpacked, and the bytes each rank sent (max over ranks):
-the strategy's own ("memory", "halo") and the documents' re-layout ("documents", two
-all-to-alls of the mixer's activations per Block, forward and backward). The single process
+the strategy's own ("memory", "halo") and the re-layout of the documents that span shards
+("documents": two all-to-alls of their activations per Block, forward and backward; the
+documents inside a shard run there alone). The single process
 (cp = 1) runs both as well. Every configuration runs in fresh processes of one thread each.
 
     python bench/bench_cp_pack.py                     # L = 2048, 8192; writes bench/results/cp_pack.json

@@ -27,8 +27,8 @@ segment tails, the conv cache). So
     ranks (its halo) and runs its ORIGINAL forward with them as its state; the memory's scan
     function (NeuralMemory.scan_fn) becomes cp_memory_scan, which carries the memory across
     the shards. LMM, MAG and MAL run their own forward around them, unchanged;
-  * a Block becomes CPBlock, which hands its mixer packed rows' documents re-laid across
-    the group (documents.py) instead of this rank's shard;
+  * a Block becomes CPBlock: with packed rows its mixer runs the documents inside this rank's
+    shard as on one device and those spanning shards re-laid across the group (documents.py);
   * MAC reads its memory's pieces with inputs that depend on the memory state (above), so
     it runs whole as a ring: rank r resumes MAC's own streaming state (a torch pytree) from
     rank r-1 (ring.ring_forward);
@@ -44,8 +44,8 @@ Contract (for the trainer):
     sequences (split with shard_bounds / local_shard, any non-empty split works) and a
     fresh state (state=None, position 0); logits come back for the local tokens;
   * packed rows: model(tokens_shard, cu_seqlens=...) with the cu_seqlens of the WHOLE rows
-    (the same on every rank); each Block re-lays the documents across the group
-    (documents.py), so every document gives its logits alone, under every strategy;
+    (the same on every rank); each Block runs local documents alone and re-lays those that
+    span shards (documents.py), so every document gives its logits alone, under every strategy;
   * every rank runs forward and backward of every step (collectives in both);
   * the loss is the local token loss normalised by the GLOBAL token count; gradients of
     all parameters are then partial sums over the CP group: all-reduce (sum) them over
@@ -242,8 +242,8 @@ class CPRingMixer(CPMixer):
 
 
 class CPBlock(Block):
-    """A Block of a CP model: packed rows' documents (cu_seqlens) are re-laid across the group
-    before its mixer runs on them (documents.py), not on this rank's shard alone."""
+    """A Block of a CP model: its mixer runs packed rows' documents (cu_seqlens) inside this
+    rank's shard alone and those spanning shards re-laid across the group (documents.py)."""
 
     _cp_original = Block
 
