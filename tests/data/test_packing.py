@@ -160,8 +160,8 @@ def test_pack_config_errors(doc_shards):
 
 
 def test_packing_is_accepted_under_model_and_context_parallelism(doc_shards):
-    """TP/PP/DP skip the ignored targets (parallel/stage.py masks them) and CP re-lays the
-    documents across its group (parallel/context/documents.py): packed rows are accepted."""
+    """TP/PP/DP skip the ignored targets (parallel/stage.py masks them) and CP keeps document
+    boundaries exact (parallel/context/documents.py): packed rows are accepted."""
     src, shards = doc_shards
     cfg = _cfg(src, shards, pack=True)
     cfg.parallel.tp = 2

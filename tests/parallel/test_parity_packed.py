@@ -4,7 +4,8 @@ pack several documents (tests/helpers.PACKED_LENGTHS: shorter than a chunk, not 
 chunk, segment or window; the target across each boundary does not count). Each layout must
 reproduce the single-process losses (1e-5 relative per step) and step-1 gradients. Under context
 parallelism (CP=2, strategy auto: MAC on the ring, the other memory mixers a2a) the runtime's
-shards (on the chunk grid) cut documents, and each Block re-lays them across the group."""
+shards (on the chunk grid) cut documents: each Block runs those inside a shard there and re-lays
+those that span the shards across the group."""
 
 from __future__ import annotations
 

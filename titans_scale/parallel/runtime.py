@@ -91,7 +91,7 @@ class ParallelRuntime:
 
     def _microbatches(self, inputs: torch.Tensor, targets: torch.Tensor, cu_seqlens: torch.Tensor | None = None):
         """(tokens, targets) per micro-batch, packed rows with their cu_seqlens third (those of the
-        whole rows: under CP each Block re-lays the documents across the group)."""
+        whole rows: under CP each Block re-lays the documents that span shards across the group)."""
         length = inputs.shape[1]
         inputs, targets = place_batch(self.device, self.cp_slice(inputs), self.cp_slice(targets))
         n = self.layout.microbatches
