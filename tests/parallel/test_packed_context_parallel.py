@@ -10,9 +10,9 @@ float64 1e-9 for the memory implementations naive / chunked / fused. The same CP
 the rows without cu_seqlens (no document boundaries) is off by far more, so the comparison
 can fail. The runtime's CP=2 packed training run is in test_parity_packed.py.
 
-Slow: the Triton kernels (interpreter, fp32 1e-5); TP=2 (SP) x CP=2 through the runtime, 4
-ranks, every mixer, against one process; `titans-scale train` with data.pack under torchrun
-with parallel.cp=2 against one process.
+Slow: the Triton kernels (interpreter, fp32 1e-5); CP=4 (documents spanning 3 and 4 shards);
+TP=2 (SP) x CP=2 through the runtime, 4 ranks, every mixer, against one process;
+`titans-scale train` with data.pack under torchrun with parallel.cp=2 against one process.
 """
 
 from __future__ import annotations
@@ -33,17 +33,17 @@ from titans_scale.parallel.launch_utils import run_distributed
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
                                 reason="CPU/gloo parity runs; CUDA machines run the GPU suite")
 
-# Per row, its documents' lengths; CUT: rank 0 holds tokens [0, CUT) of each row, rank 1 the rest.
-ROWS, CUT = [[3, 13, 21], [30, 7]], 17
+# Per row, its documents' lengths; CUT: where each row's shards meet (rank 0 holds [0, 17), rank 1 the rest).
+ROWS, CUT = [[3, 13, 21], [30, 7]], (17,)
 # Two length buckets (ops/varlen.py: up to 64 tokens, one document; up to 128), cut on the chunk grid.
-TWO_BUCKETS, CUT_TWO = [[70, 30], [100]], 45
+TWO_BUCKETS, CUT_TWO = [[70, 30], [100]], (45,)
 # Documents so short that their bucket (3 tokens) has fewer chunks than ranks: split per token.
-TINY, CUT_TINY = [[3, 1], [2, 2]], 2
+TINY, CUT_TINY = [[3, 1], [2, 2]], (2,)
 # Every document inside one shard: nothing crosses ranks, each rank runs its own documents.
 NO_SPANNING = [[17, 20], [5, 12, 20]]
 ATTENTION = ["swa", "seg", "attn"]
 F32, F64 = torch.float32, torch.float64
-CASES = {   # name: (strategy, mixers, memory depth, dtype, memory impl, rows, cut, tolerance)
+CASES = {   # name: (strategy, mixers, memory depth, dtype, memory impl, rows, cuts, tolerance)
     "a2a": ("a2a", ["mag", "mal", "lmm", *ATTENTION], 2, F32, "auto", ROWS, CUT, 1e-5),
     "state_passing": ("state_passing", ["mag", "mal", "lmm", *ATTENTION], 1, F32, "auto", ROWS, CUT, 1e-5),
     "ring": ("ring", ["mac", "mag", "mal", "lmm", *ATTENTION], 2, F32, "auto", ROWS, CUT, 1e-5),
@@ -73,7 +73,7 @@ def _grads(model):
     return [p.grad for p in model.parameters()]
 
 
-def _case(comm, strategy, layers, depth, dtype, impl, lengths, cut) -> dict:
+def _case(comm, strategy, layers, depth, dtype, impl, lengths, cuts) -> dict:
     model = _model(layers, depth, dtype, impl)
     g = torch.Generator().manual_seed(1)
     B, L = len(lengths), sum(lengths[0])
@@ -87,7 +87,7 @@ def _case(comm, strategy, layers, depth, dtype, impl, lengths, cut) -> dict:
     (alone * probe).sum().backward()
 
     apply_context_parallel(cp_model, comm.group, strategy)
-    a, b = (0, cut, L)[comm.rank:comm.rank + 2]
+    a, b = (0, *cuts, L)[comm.rank:comm.rank + 2]
     logits, state = cp_model(tok[:, a:b], cu_seqlens=cu_seqlens_of(lengths))
     (logits * probe[:, a:b]).sum().backward()
     cp_allreduce_grads(cp_model, comm)
@@ -135,6 +135,18 @@ def test_packed_rows_under_cp_with_the_triton_memory_kernels():
     """impl='triton' (fp32 only; the interpreter on CPU, ~30 s a run) under a2a."""
     cases = {"a2a_triton": ("a2a", ["mag", "lmm"], 2, F32, "triton", ROWS, CUT, 1e-5)}
     _check(run_distributed(_checks, 2, cases, timeout_s=900), "a2a_triton", 1e-5)
+
+
+@pytest.mark.slow
+def test_packed_rows_under_cp4_equal_each_document_alone():
+    """CP=4, shards of 10, 7, 13 and 7 tokens: a document spanning three shards, one spanning all
+    four, short ones inside a shard; the ring (every mixer) and state_passing."""
+    rows, cuts = [[3, 30, 4], [37]], (10, 17, 30)
+    cases = {"cp4_ring": ("ring", ["mac", "mag", "mal", "lmm", *ATTENTION], 2, F32, "auto", rows, cuts, 1e-5),
+             "cp4_state_passing": ("state_passing", ["mag", "lmm"], 1, F32, "auto", rows, cuts, 1e-5)}
+    runs = run_distributed(_checks, 4, cases, timeout_s=900)
+    for case in cases:
+        _check(runs, case, 1e-5)
 
 
 @pytest.mark.slow
