@@ -159,13 +159,12 @@ def test_pack_config_errors(doc_shards):
         _cfg(src, shards, loss_across_docs=True)
 
 
-def test_packing_under_context_parallelism_is_refused_in_one_line(doc_shards):
-    """CP shards cut documents, and the CP mixers do not reset at boundaries yet: refused, not run
-    wrong. TP/PP/DP skip the ignored targets (parallel/stage.py masks them), so they are accepted."""
+def test_packing_is_accepted_under_model_and_context_parallelism(doc_shards):
+    """TP/PP/DP skip the ignored targets (parallel/stage.py masks them) and CP keeps document
+    boundaries exact (parallel/context/documents.py): packed rows are accepted."""
     src, shards = doc_shards
     cfg = _cfg(src, shards, pack=True)
     cfg.parallel.tp = 2
     assert len(RunData(cfg).next_batch(0)) == 3
     cfg.parallel.tp, cfg.parallel.cp = 1, 2
-    with pytest.raises(ConfigError, match=r"data.pack is not supported with context parallelism .*parallel.cp = 1"):
-        RunData(cfg)
+    assert len(RunData(cfg).next_batch(0)) == 3

@@ -20,7 +20,6 @@ from megatron.core import parallel_state as ps
 
 from titans_scale.config import RunConfig
 from titans_scale.device import collective_device, place_batch, resolve_device
-from titans_scale.errors import ConfigError
 from titans_scale.model import TitansLM
 from titans_scale.ops.varlen import row_slice
 from titans_scale.parallel.build import build_chunks
@@ -91,10 +90,8 @@ class ParallelRuntime:
         return counted.item() / (self.layout.microbatches * self.layout.dp)
 
     def _microbatches(self, inputs: torch.Tensor, targets: torch.Tensor, cu_seqlens: torch.Tensor | None = None):
-        """(tokens, targets) per micro-batch, packed rows with their cu_seqlens third."""
-        if cu_seqlens is not None and self.layout.cp > 1:
-            raise ConfigError(f"data.pack = true with parallel.cp = {self.layout.cp}: packed documents under "
-                              "context parallelism are not supported yet; set parallel.cp = 1 or data.pack = false")
+        """(tokens, targets) per micro-batch, packed rows with their cu_seqlens third (those of the
+        whole rows: under CP each Block re-lays the documents that span shards across the group)."""
         length = inputs.shape[1]
         inputs, targets = place_batch(self.device, self.cp_slice(inputs), self.cp_slice(targets))
         n = self.layout.microbatches

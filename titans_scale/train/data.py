@@ -87,9 +87,6 @@ class RunData:
             raise ConfigError("data.recall_loss='answers' / data.corpus_loss_fraction < 1 need the single-process "
                               "trainer (the parallel runtime's vocab-parallel loss does not skip ignored targets); "
                               "use 'lm' and 1.0")
-        if d.pack and par.cp > 1:
-            raise ConfigError("data.pack is not supported with context parallelism yet (parallel.cp > 1): documents "
-                              "would leak across shard boundaries; set parallel.cp = 1 or data.pack = false")
         if rank == 0:
             prepare_data(cfg, self.tokenizer)
         if world_size > 1:

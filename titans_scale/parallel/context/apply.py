@@ -27,6 +27,8 @@ segment tails, the conv cache). So
     ranks (its halo) and runs its ORIGINAL forward with them as its state; the memory's scan
     function (NeuralMemory.scan_fn) becomes cp_memory_scan, which carries the memory across
     the shards. LMM, MAG and MAL run their own forward around them, unchanged;
+  * a Block becomes CPBlock: with packed rows its mixer runs the documents inside this rank's
+    shard as on one device and those spanning shards re-laid across the group (documents.py);
   * MAC reads its memory's pieces with inputs that depend on the memory state (above), so
     it runs whole as a ring: rank r resumes MAC's own streaming state (a torch pytree) from
     rank r-1 (ring.ring_forward);
@@ -41,6 +43,9 @@ Contract (for the trainer):
   * every CP rank calls model(tokens_shard) with its contiguous shard of the same
     sequences (split with shard_bounds / local_shard, any non-empty split works) and a
     fresh state (state=None, position 0); logits come back for the local tokens;
+  * packed rows: model(tokens_shard, cu_seqlens=...) with the cu_seqlens of the WHOLE rows
+    (the same on every rank); each Block runs local documents alone and re-lays those that
+    span shards (documents.py), so every document gives its logits alone, under every strategy;
   * every rank runs forward and backward of every step (collectives in both);
   * the loss is the local token loss normalised by the GLOBAL token count; gradients of
     all parameters are then partial sums over the CP group: all-reduce (sum) them over
@@ -62,9 +67,12 @@ import torch.utils._pytree as pytree
 
 from titans_scale.model.memory import NeuralMemory
 from titans_scale.model.mixers import MAC, MIXER_CLASSES, FullAttention, SegmentAttention, SlidingWindow
+from titans_scale.model.titans import Block
+from titans_scale.ops.memory import memory_scan
 from titans_scale.ops.state import MemoryState
 
 from .comm import CPComm
+from .documents import PackedRows
 from .halo import gather_prefix, prefix_halo
 from .ring import ring_forward
 from .scan import check_memory_strategy, cp_memory_scan
@@ -85,6 +93,9 @@ class CPContext:
                     ln_weight=None, ln_bias=None):
         """NeuralMemory.scan_fn under CP: the memory op on this rank's shard (init: the
         sequence's start state); returns the state after the whole sequence."""
+        if self.comm.alone:
+            return memory_scan(q, k, v, theta, eta, alpha, init, chunk_size, impl, recompute_group=recompute_group,
+                               ln_weight=ln_weight, ln_bias=ln_bias)
         return cp_memory_scan(q, k, v, theta, eta, alpha, init, chunk_size, self.comm, self.strategy, impl,
                               recompute_group, self.micro_batches, self.info, ln_weight=ln_weight, ln_bias=ln_bias)
 
@@ -127,6 +138,8 @@ class ShardSlidingWindow(SlidingWindow):
     _cp_original = SlidingWindow
 
     def forward(self, x, state, pos0):
+        if self._cp.comm.alone:
+            return super().forward(x, state, pos0)
         _fresh(state)
         return super().forward(x, self._cp.halo(x, self.window - 1), pos0 + self._cp.info.offset())
 
@@ -138,6 +151,8 @@ class ShardSegmentAttention(SegmentAttention):
     _cp_original = SegmentAttention
 
     def forward(self, x, state, pos0):
+        if self._cp.comm.alone:
+            return super().forward(x, state, pos0)
         _fresh(state)
         info = self._cp.info
         need = [info.offset(r) % self.segment for r in range(info.size)]
@@ -151,6 +166,8 @@ class ShardFullAttention(FullAttention):
     _cp_original = FullAttention
 
     def forward(self, x, state, pos0):
+        if self._cp.comm.alone:
+            return super().forward(x, state, pos0)
         _fresh(state)
         ctx = self._cp
         with ctx.comm.scope("halo"):
@@ -166,6 +183,8 @@ class ShardNeuralMemory(NeuralMemory):
     _cp_original = NeuralMemory
 
     def forward(self, x, state=None):
+        if self._cp.comm.alone:
+            return super().forward(x, state)
         _fresh(state)
         before = self._cp.halo(x, self.conv.kernel - 1)
         return super().forward(x, self.initial_state(x.shape[0], x.device, before))
@@ -183,6 +202,8 @@ class CPMixer(nn.Module):
     work around the mixer's own forward (see the module docstring)."""
 
     def forward(self, x, state, pos0):
+        if self._cp.comm.alone:
+            return self._mixer_forward(x, state, pos0)
         _fresh(state)
         ctx = self._cp
         ctx.comm.begin(x)
@@ -218,6 +239,16 @@ class CPRingMixer(CPMixer):
             memory = _memory_of(end)
             final = ctx.comm.broadcast_all(pytree.tree_leaves(memory), ctx.comm.size - 1)
         return out, pytree.tree_unflatten(final, pytree.tree_structure(memory))
+
+
+class CPBlock(Block):
+    """A Block of a CP model: its mixer runs packed rows' documents (cu_seqlens) inside this
+    rank's shard alone and those spanning shards re-laid across the group (documents.py)."""
+
+    _cp_original = Block
+
+    def forward(self, x, state, pos0, docs=None):
+        return super().forward(x, state, pos0, None if docs is None else self._cp.of(docs))
 
 
 _KINDS = {cls: kind for kind, cls in MIXER_CLASSES.items()}
@@ -309,6 +340,13 @@ def apply_context_parallel(model: nn.Module, cp_group=None, strategy: str = "aut
     mixers = list(_mixers(model))
     chosen = [mixer_strategy(m, strategy, comm.size) for m in mixers]      # validate all first
     remove_context_parallel(model)                                          # applying again replaces it
+    # packed rows: one re-layout per batch shared by every Block, its document shards on the chunk grid
+    chunk = next((m.chunk_size for m in model.modules() if isinstance(m, NeuralMemory)), 1)
+    packed = PackedRows(comm, chunk)
+    for block in model.modules():
+        if type(block) is Block:
+            block.__class__ = CPBlock
+            block._cp = packed
     for mixer, s in zip(mixers, chosen):
         ctx = CPContext(comm, s, micro_batches)
         cls = type(mixer)

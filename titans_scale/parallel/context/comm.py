@@ -68,6 +68,17 @@ class CPComm:
         self._tag = 0
         self._token: torch.Tensor | None = None
         self._depth = 0
+        self.alone = False         # inside alone_(): the CP modules run as on one device
+
+    @contextmanager
+    def alone_(self):
+        """The CP modules inside run as on one device, with no transfer: for documents that lie
+        whole inside this rank's shard of packed rows (documents.py)."""
+        old, self.alone = self.alone, True
+        try:
+            yield
+        finally:
+            self.alone = old
 
     # -- bookkeeping ----------------------------------------------------------------------
     @contextmanager
