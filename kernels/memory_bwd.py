@@ -16,7 +16,8 @@ inner gradient (second-order terms). Outputs per token: dq, dk, dv, dc_s, dc_w; 
 chunk: dP, dA, dQ (the host maps the coefficient gradients back to theta, eta, alpha).
 Layouts as in memory_fwd.py; states [BH, slots, in, out] with chunk c at slot0 + c.
 
-The normalised memory (NORM; f(k) = k + w LN(g) + b, g = g_W(k)). Per token, with
+The normalised memory (depth 2: NORM; depth 1: _bwd_linear_norm, which walks the state in row
+tiles; f(k) = k + w LN(g) + b, g = g_W(k)). Per token, with
 n = LN(g), r = 1/sqrt(var(g) + eps), J = dn/dg = r (I - 11^T/d - n n^T/d) (symmetric),
 a = f(k) - v and u = w a, the error factor is err = J u (memory_fwd.norm_error). Given
 de = dL/d err (what the plain kernels call derr):
