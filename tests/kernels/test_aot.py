@@ -18,9 +18,10 @@ import pytest
 
 # depth, d, expansion, chunk, dtype: the configs' shapes (small.toml d 64; d_model 512 / 4 heads: d 128)
 SM90 = [(2, 64, 4, 64, "fp32"), (2, 128, 4, 64, "fp32"), (2, 64, 4, 64, "bf16"), (1, 128, 1, 64, "fp32"),
-        (2, 16, 1, 8, "bf16"), (2, 32, 2, 16, "bf16")]
+        (2, 128, 4, 64, "bf16"), (2, 16, 1, 8, "bf16"), (2, 32, 2, 16, "bf16")]
 SM80 = [(2, 64, 4, 64, "fp32"), (1, 64, 1, 128, "bf16"), (2, 32, 2, 16, "fp32")]
-MUST_FIT = [(90, s) for s in SM90[:4]] + [(80, SM80[0])]   # the acceptance shapes run on the kernels
+# the acceptance shapes run on the kernels (d 128 bf16: its backward on IEEE dots, no TF32 tiling fits)
+MUST_FIT = [(90, s) for s in SM90[:5]] + [(80, SM80[0])]
 FULL = [(arch, (depth, d, E, C, dt))
         for arch, depth, d, E, C, dt in product((90, 80), (1, 2), (16, 64, 128, 256), (1, 4), (8, 64, 128),
                                                 ("fp32", "bf16"))

@@ -154,31 +154,35 @@ def test_normalised_depth1_plans_one_output_tile():
 
 
 # Every tiling the dispatcher may choose (plan.candidates, its own table) over the widths the configs
-# can ask for (d 16-256, expansion 1-4), per depth, norm and kernel kind: a new candidate is run here
-# without editing this file. The interpreter ignores warps and stages, so a tiling is its BLOCK_J;
-# each runs at the first test width that offers it (partial tiles where the width allows: 48 is a
-# partial 64-wide and 1.5 32-wide tiles), with recompute so the forward without reads runs too.
+# can ask for (d 16-256, expansion 1-4), per depth, norm, kernel kind and input dtype: a new candidate
+# is run here without editing this file. The interpreter ignores warps and stages, so a tiling is its
+# BLOCK_J and its precision override (16-bit inputs fall back to IEEE dots where TF32 tiles do not
+# fit; those run with bf16 inputs). Each runs at the first test width that offers it (partial tiles
+# where the width allows: 48 is a partial 64-wide and 1.5 32-wide tiles), with recompute so the
+# forward without reads runs too.
 CONFIG_WIDTHS = [(d, E) for d in (16, 32, 64, 128, 256) for E in (1, 2, 3, 4)]
 TEST_WIDTHS = {1: [(48, 1), (24, 1), (16, 1), (96, 1), (192, 1)], 2: [(16, 3)]}   # depth: (d, E), preferred first
 
 
-def _shape(depth, d, E, norm):
-    return plan.Shape(depth, d, d, E * d if depth == 2 else d, 8, "fp32", norm)
+def _shape(depth, d, E, norm, dtype="fp32"):
+    return plan.Shape(depth, d, d, E * d if depth == 2 else d, 8, dtype, norm)
 
 
-def _block_js(depth, d, E, norm, kind):
-    return {t.block_j for t in plan.candidates(_shape(depth, d, E, norm), kind)}
+def _tilings(depth, d, E, norm, kind, dtype="fp32"):
+    return {(t.block_j, t.precision) for t in plan.candidates(_shape(depth, d, E, norm, dtype), kind)}
 
 
 def _dispatcher_tilings():
-    """(depth, norm, d, E, kinds, BLOCK_J) to run: the kinds that run BLOCK_J at that test width."""
-    wanted = {(depth, norm, kind, bj) for depth in (1, 2) for norm in (False, True) for kind in plan.KINDS
-              for d, E in CONFIG_WIDTHS if depth == 2 or E == 1 for bj in _block_js(depth, d, E, norm, kind)}
+    """(depth, norm, d, E, kinds, BLOCK_J, precision) to run: the kinds that run that tiling at that
+    test width."""
+    wanted = {(depth, norm, kind, tiling) for depth in (1, 2) for norm in (False, True) for kind in plan.KINDS
+              for d, E in CONFIG_WIDTHS if depth == 2 or E == 1 for dtype in ("fp32", "bf16")
+              for tiling in _tilings(depth, d, E, norm, kind, dtype)}
     runs: dict = {}
-    for depth, norm, kind, bj in sorted(wanted):
-        d, E = next(w for w in TEST_WIDTHS[depth] if bj in _block_js(depth, *w, norm, kind))
-        runs.setdefault((depth, norm, d, E, bj), []).append(kind)
-    return [(depth, norm, d, E, tuple(kinds), bj) for (depth, norm, d, E, bj), kinds in runs.items()]
+    for depth, norm, kind, tiling in sorted(wanted, key=str):
+        d, E = next(w for w in TEST_WIDTHS[depth] if tiling in _tilings(depth, *w, norm, kind, "bf16"))
+        runs.setdefault((depth, norm, d, E, *tiling), []).append(kind)
+    return [(depth, norm, d, E, tuple(kinds), bj, prec) for (depth, norm, d, E, bj, prec), kinds in runs.items()]
 
 
 TILINGS = _dispatcher_tilings()
@@ -186,34 +190,42 @@ TILINGS = _dispatcher_tilings()
 
 def test_the_tiling_tests_cover_every_candidate():
     """The table above is not empty by accident: BLOCK_J 16, 32 and 64 for every depth, norm and
-    kind, and the normalised depth-1 forward's whole-row tiles up to 256."""
-    covered = {(depth, norm, kind, bj) for depth, norm, d, E, kinds, bj in TILINGS for kind in kinds}
-    for depth, norm, kind, bj in product((1, 2), (False, True), plan.KINDS, (16, 32, 64)):
-        assert (depth, norm, kind, bj) in covered
-    whole_rows = {bj for depth, norm, kind, bj in covered if (depth, norm, kind) == (1, True, "fwd")}
+    kind, with and without the IEEE override, and the normalised depth-1 forward's whole-row tiles
+    up to 256."""
+    covered = {(depth, norm, kind, bj, prec) for depth, norm, d, E, kinds, bj, prec in TILINGS for kind in kinds}
+    for key in product((1, 2), (False, True), plan.KINDS, (16, 32, 64), (None, "ieee")):
+        assert key in covered
+    whole_rows = {bj for depth, norm, kind, bj, prec in covered if (depth, norm, kind) == (1, True, "fwd")}
     assert whole_rows == {16, 32, 64, 128, 256}
 
 
-def _tiling_id(depth, norm, d, E, kinds, bj):
-    return f"depth{depth}-{'norm' if norm else 'plain'}-d{d}-E{E}-{'+'.join(kinds)}-{bj}"
+def _tiling_param(depth, norm, d, E, kinds, bj, prec):
+    """The whole-row 256 tile (d 192, ~8 s each) is slow: it fits no target (262,144 B), so only the
+    interpreter runs it."""
+    return pytest.param(depth, norm, d, E, kinds, bj, prec, marks=[pytest.mark.slow] if d > 128 else [],
+                        id=f"depth{depth}-{'norm' if norm else 'plain'}-d{d}-E{E}-{'+'.join(kinds)}-{bj}"
+                           + (f"-{prec}" if prec else ""))
 
 
-@pytest.mark.parametrize("depth,norm,d,E,kinds,block_j", TILINGS, ids=[_tiling_id(*t) for t in TILINGS])
-def test_every_tiling_equals_chunked_and_reference(depth, norm, d, E, kinds, block_j, monkeypatch):
-    monkeypatch.setattr(km, "TILES", {kind: plan.Tiles(block_j, num_warps=4, num_stages=1) for kind in kinds})
-    what = f"{kinds} BLOCK_J={block_j}"
-    if norm:     # as test_normalised_memory_equals_reference: small inner steps, 1e-4 of float64
-        args = _inputs(depth, d, 21, E, H=1, theta_scale=0.25, seed=1)
+@pytest.mark.parametrize("depth,norm,d,E,kinds,block_j,precision", [_tiling_param(*t) for t in TILINGS])
+def test_every_tiling_equals_chunked_and_reference(depth, norm, d, E, kinds, block_j, precision, monkeypatch):
+    tiles = plan.Tiles(block_j, num_warps=4, num_stages=1, precision=precision)
+    monkeypatch.setattr(km, "TILES", dict.fromkeys(kinds, tiles))
+    what = f"{kinds} {tiles}"
+    dtype, tol = (torch.bfloat16, 1e-2) if precision else (torch.float32, 1e-4 if norm else 1e-5)
+    if norm:     # as test_normalised_memory_equals_reference: small inner steps
+        args = _inputs(depth, d, 21, E, dtype=dtype, H=1, theta_scale=0.25, seed=1)
         ln = _norm(1, d)
         probe = _probe(args, seed=0)
         got = _run("triton", args, 8, probe, g=2, norm=ln)
-        _assert_close(got, _run("naive", _as_float64(args), 8, probe, norm=_norm64(ln)), 1e-4, what)
+        _assert_close(got, _run("naive", _as_float64(args), 8, probe, norm=_norm64(ln)), tol, what)
         return
-    args = _inputs(depth, d, 21, E, H=1)
+    args = _inputs(depth, d, 21, E, dtype=dtype, H=1)
     probe = _probe(args)
     got = _run("triton", args, 8, probe, g=2)
-    _assert_close(got, _run("chunked", args, 8, probe), 1e-5, f"{what} vs chunked")
-    _assert_close(got, _run("naive", _as_float64(args), 8, probe), 1e-5, f"{what} vs float64 reference")
+    if not precision:
+        _assert_close(got, _run("chunked", args, 8, probe), tol, f"{what} vs chunked")
+    _assert_close(got, _run("naive", _as_float64(args), 8, probe), tol, f"{what} vs float64 reference")
 
 
 @pytest.mark.parametrize("depth", [1, 2])
