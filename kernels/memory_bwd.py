@@ -16,7 +16,8 @@ inner gradient (second-order terms). Outputs per token: dq, dk, dv, dc_s, dc_w; 
 chunk: dP, dA, dQ (the host maps the coefficient gradients back to theta, eta, alpha).
 Layouts as in memory_fwd.py; states [BH, slots, in, out] with chunk c at slot0 + c.
 
-The normalised memory (NORM; f(k) = k + w LN(g) + b, g = g_W(k)). Per token, with
+The normalised memory (depth 2: NORM; depth 1: _bwd_linear_norm, which walks the state in row
+tiles; f(k) = k + w LN(g) + b, g = g_W(k)). Per token, with
 n = LN(g), r = 1/sqrt(var(g) + eps), J = dn/dg = r (I - 11^T/d - n n^T/d) (symmetric),
 a = f(k) - v and u = w a, the error factor is err = J u (memory_fwd.norm_error). Given
 de = dL/d err (what the plain kernels call derr):
@@ -72,20 +73,16 @@ def _bwd_linear(
     dq_ptr, dk_ptr, dv_ptr, dcs_ptr, dcw_ptr, dp_ptr, da_ptr, dqq_ptr, dlw_ptr, dlb_ptr,
     n_chunks, tok_chunk0, n_tok_chunks, slot0, n_slots,
     C: tl.constexpr, D_IN: tl.constexpr, D_OUT: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_IN: tl.constexpr, BLOCK_OUT: tl.constexpr,
-    NORM: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_IN: tl.constexpr, BLOCK_OUT: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """The plain linear memory, tiled over output columns (they are independent). lw/lb and
+    dlw/dlb are not read: they keep the launch's argument list that of _bwd_linear_norm."""
     bh = tl.program_id(0).to(tl.int64)
     rc = tl.arange(0, BLOCK_C)
     ri = tl.arange(0, BLOCK_IN)
     mc, mi = rc < C, ri < D_IN
     T = n_tok_chunks * C
     W_SIZE = D_IN * D_OUT
-    if NORM:        # one output tile holding the whole row (as the forward), so its columns are ri
-        tl.static_assert(BLOCK_OUT == BLOCK_IN)
-        lw, lb = load_norm(lw_ptr, lb_ptr, bh, ri, mi, D_IN)
-        dlw = tl.zeros((BLOCK_IN,), dtype=tl.float32)
-        dlb = tl.zeros((BLOCK_IN,), dtype=tl.float32)
     for i in range(n_chunks):
         c = n_chunks - 1 - i
         tok = (tok_chunk0 + c) * C + rc
@@ -116,10 +113,7 @@ def _bwd_linear(
             dS = tl.load(ds_ptr + bh * W_SIZE + w_off, mask=m_w, other=0.0)
             v = load_rows(v_ptr, bh, T, tok, ro, mc, mo, D_OUT)
             dy = load_rows(dy_ptr, bh, T, tok, ro, mc, mo, D_OUT)
-            if NORM:
-                err, normed, rstd, a = norm_error(tl.dot(k, W, input_precision=PRECISION), k, v, lw, lb, mo, D_OUT)
-            else:
-                err = tl.dot(k, W, input_precision=PRECISION) - v
+            err = tl.dot(k, W, input_precision=PRECISION) - v
             m_s = tl.dot(k, dS, input_precision=PRECISION)
             m_w2 = tl.dot(k, dW, input_precision=PRECISION)
             derr = cs * m_s + cw * m_w2
@@ -127,22 +121,11 @@ def _bwd_linear(
             dcw += tl.sum(m_w2 * err, axis=1)
             dk += tl.dot(cs * err, tl.trans(dS), input_precision=PRECISION)
             dk += tl.dot(cw * err, tl.trans(dW), input_precision=PRECISION)
-            if NORM:
-                dg, da, du = norm_error_backward(derr, err, normed, rstd, a, lw, mo, D_OUT)
-                dk += da
-                dlw += tl.sum(a * du + normed * da, axis=0)
-                nq, rq = layer_norm(tl.dot(q, W, input_precision=PRECISION), mo, D_OUT)
-                dlw += tl.sum(dy * nq, axis=0)
-                dlb += tl.sum(da + dy, axis=0)
-                dq += dy                                                    # the skip of the read
-                dy = layer_norm_backward(lw * dy, nq, rq, mo, D_OUT)        # d L / d g(q)
-            else:
-                dg, da = derr, derr
-            dk += tl.dot(dg, tl.trans(W), input_precision=PRECISION)
+            dk += tl.dot(derr, tl.trans(W), input_precision=PRECISION)
             dq += tl.dot(dy, tl.trans(W), input_precision=PRECISION)
-            _store_rows(dv_ptr, -da, bh, T, tok, ro, mc, mo, D_OUT)
+            _store_rows(dv_ptr, -derr, bh, T, tok, ro, mc, mo, D_OUT)
             dWc = tl.dot(tl.trans(q), dy, input_precision=PRECISION)
-            dWc += tl.dot(tl.trans(k), dg, input_precision=PRECISION)
+            dWc += tl.dot(tl.trans(k), derr, input_precision=PRECISION)
             acc_p += dS * S
             acc_a += dW * W
             acc_q += dW * S
@@ -156,9 +139,115 @@ def _bwd_linear(
         tl.store(da_ptr + bh * n_chunks + c, tl.sum(tl.sum(acc_a, axis=1), axis=0))
         tl.store(dqq_ptr + bh * n_chunks + c, tl.sum(tl.sum(acc_q, axis=1), axis=0))
         tl.debug_barrier()
-    if NORM:
-        _add_row(dlw_ptr, dlw, bh, ri, mi, D_IN)
-        _add_row(dlb_ptr, dlb, bh, ri, mi, D_IN)
+
+
+@triton.jit
+def _bwd_linear_norm(
+    q_ptr, k_ptr, v_ptr, dy_ptr, cs_ptr, cw_ptr, p_ptr, a_ptr, qq_ptr,
+    sw_ptr, ss_ptr, dw_ptr, ds_ptr, lw_ptr, lb_ptr,
+    dq_ptr, dk_ptr, dv_ptr, dcs_ptr, dcw_ptr, dp_ptr, da_ptr, dqq_ptr, dlw_ptr, dlb_ptr,
+    n_chunks, tok_chunk0, n_tok_chunks, slot0, n_slots,
+    C: tl.constexpr, D: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """The normalised linear memory (d_in = d_out = D). LN couples a row's D outputs, so the
+    row quantities ([C, D]: g, err, dg, ...) span every column; the state [D, D] is walked in
+    tiles of BLOCK_I input rows, twice per chunk, so no more than a [BLOCK_I, D] tile of each
+    state matrix is staged at once (the whole [D, D] tiles did not fit at D 128).
+    Pass 1 sums the row quantities over the row tiles: g = k W, g(q) = q W, k dS, k dW. The
+    LN and its backward then run on full rows. Pass 2 per row tile: the columns of dk and dq
+    that the tile's rows produce (dk's skip term da comes back from dv, written as -da between
+    the passes), the gradient w.r.t. W_c and the state carried back."""
+    bh = tl.program_id(0).to(tl.int64)
+    rc = tl.arange(0, BLOCK_C)
+    rd = tl.arange(0, BLOCK_D)
+    mc, md = rc < C, rd < D
+    T = n_tok_chunks * C
+    W_SIZE = D * D
+    lw, lb = load_norm(lw_ptr, lb_ptr, bh, rd, md, D)
+    dlw = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dlb = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for i in range(n_chunks):
+        c = n_chunks - 1 - i
+        tok = (tok_chunk0 + c) * C + rc
+        cidx = bh * n_chunks * C + c * C + rc
+        cs = tl.load(cs_ptr + cidx, mask=mc, other=0.0)[:, None]
+        cw = tl.load(cw_ptr + cidx, mask=mc, other=0.0)[:, None]
+        P = tl.load(p_ptr + bh * n_chunks + c)
+        A = tl.load(a_ptr + bh * n_chunks + c)
+        Q = tl.load(qq_ptr + bh * n_chunks + c)
+        slot = (bh * n_slots + slot0 + c) * W_SIZE
+
+        # pass 1: the row quantities, summed over row tiles of the state
+        g = tl.zeros((BLOCK_C, BLOCK_D), dtype=tl.float32)       # g(k) = k W_c
+        gq = tl.zeros((BLOCK_C, BLOCK_D), dtype=tl.float32)      # g(q)
+        m_s = tl.zeros((BLOCK_C, BLOCK_D), dtype=tl.float32)     # k dS
+        m_w = tl.zeros((BLOCK_C, BLOCK_D), dtype=tl.float32)     # k dW
+        for i0 in range(0, D, BLOCK_I):
+            rt = i0 + tl.arange(0, BLOCK_I)
+            mt = rt < D
+            m_t = mt[:, None] & md[None, :]
+            t_off = rt[:, None] * D + rd[None, :]
+            k_t = load_rows(k_ptr, bh, T, tok, rt, mc, mt, D)
+            q_t = load_rows(q_ptr, bh, T, tok, rt, mc, mt, D)
+            W = tl.load(sw_ptr + slot + t_off, mask=m_t, other=0.0)
+            g += tl.dot(k_t, W, input_precision=PRECISION)
+            gq += tl.dot(q_t, W, input_precision=PRECISION)
+            m_s += tl.dot(k_t, tl.load(ds_ptr + bh * W_SIZE + t_off, mask=m_t, other=0.0), input_precision=PRECISION)
+            m_w += tl.dot(k_t, tl.load(dw_ptr + bh * W_SIZE + t_off, mask=m_t, other=0.0), input_precision=PRECISION)
+        k = load_rows(k_ptr, bh, T, tok, rd, mc, md, D)
+        v = load_rows(v_ptr, bh, T, tok, rd, mc, md, D)
+        err, normed, rstd, a = norm_error(g, k, v, lw, lb, md, D)
+        derr = cs * m_s + cw * m_w
+        dcs = tl.sum(m_s * err, axis=1)
+        dcw = tl.sum(m_w * err, axis=1)
+        dg, da, du = norm_error_backward(derr, err, normed, rstd, a, lw, md, D)
+        dy = load_rows(dy_ptr, bh, T, tok, rd, mc, md, D)
+        nq, rq = layer_norm(gq, md, D)
+        dlw += tl.sum(a * du + normed * da + dy * nq, axis=0)
+        dlb += tl.sum(da + dy, axis=0)
+        dgq = layer_norm_backward(lw * dy, nq, rq, md, D)               # d L / d g(q)
+        _store_rows(dv_ptr, -da, bh, T, tok, rd, mc, md, D)
+        tl.debug_barrier()   # pass 2 reads -da back, in its own tiles, for dk's skip term
+
+        # pass 2: per row tile, dk and dq's columns, d W_c and the state carried back
+        acc_p = 0.0
+        acc_a = 0.0
+        acc_q = 0.0
+        for i0 in range(0, D, BLOCK_I):
+            rt = i0 + tl.arange(0, BLOCK_I)
+            mt = rt < D
+            m_t = mt[:, None] & md[None, :]
+            t_off = rt[:, None] * D + rd[None, :]
+            W = tl.load(sw_ptr + slot + t_off, mask=m_t, other=0.0)
+            S = tl.load(ss_ptr + slot + t_off, mask=m_t, other=0.0)
+            dW = tl.load(dw_ptr + bh * W_SIZE + t_off, mask=m_t, other=0.0)
+            dS = tl.load(ds_ptr + bh * W_SIZE + t_off, mask=m_t, other=0.0)
+            k_t = load_rows(k_ptr, bh, T, tok, rt, mc, mt, D)
+            q_t = load_rows(q_ptr, bh, T, tok, rt, mc, mt, D)
+            dk = cs * tl.dot(err, tl.trans(dS), input_precision=PRECISION)
+            dk += cw * tl.dot(err, tl.trans(dW), input_precision=PRECISION)
+            dk += tl.dot(dg, tl.trans(W), input_precision=PRECISION)
+            dk -= load_rows(dv_ptr, bh, T, tok, rt, mc, mt, D)               # + da: the skip of f
+            dq = load_rows(dy_ptr, bh, T, tok, rt, mc, mt, D)                # the skip of the read
+            dq += tl.dot(dgq, tl.trans(W), input_precision=PRECISION)
+            _store_rows(dk_ptr, dk, bh, T, tok, rt, mc, mt, D)
+            _store_rows(dq_ptr, dq, bh, T, tok, rt, mc, mt, D)
+            dWc = tl.dot(tl.trans(q_t), dgq, input_precision=PRECISION)
+            dWc += tl.dot(tl.trans(k_t), dg, input_precision=PRECISION)
+            acc_p += tl.sum(tl.sum(dS * S, axis=1), axis=0)
+            acc_a += tl.sum(tl.sum(dW * W, axis=1), axis=0)
+            acc_q += tl.sum(tl.sum(dW * S, axis=1), axis=0)
+            tl.store(dw_ptr + bh * W_SIZE + t_off, A * dW + dWc, mask=m_t)
+            tl.store(ds_ptr + bh * W_SIZE + t_off, P * dS + Q * dW, mask=m_t)
+        tl.store(dcs_ptr + cidx, dcs, mask=mc)
+        tl.store(dcw_ptr + cidx, dcw, mask=mc)
+        tl.store(dp_ptr + bh * n_chunks + c, acc_p)
+        tl.store(da_ptr + bh * n_chunks + c, acc_a)
+        tl.store(dqq_ptr + bh * n_chunks + c, acc_q)
+        tl.debug_barrier()
+    _add_row(dlw_ptr, dlw, bh, rd, md, D)
+    _add_row(dlb_ptr, dlb, bh, rd, md, D)
 
 
 @triton.jit

@@ -10,12 +10,12 @@ dispatcher then runs impl="fused" instead of launching something the GPU refuses
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import triton
 
 from . import aot
-from .memory_bwd import _bwd_linear, _bwd_mlp2
+from .memory_bwd import _bwd_linear, _bwd_linear_norm, _bwd_mlp2
 from .memory_fwd import _fwd_linear, _fwd_mlp2
 
 @dataclass(frozen=True)
@@ -40,9 +40,11 @@ class Tiles:
     block_j: int           # hidden (depth 2) / output-column (depth 1) tile
     num_warps: int
     num_stages: int
+    precision: str | None = None   # tl.dot's input_precision where not the shape's ("ieee": CUDA cores)
 
     def __str__(self) -> str:
-        return f"BLOCK_J={self.block_j} warps={self.num_warps} stages={self.num_stages}"
+        extra = f" {self.precision}" if self.precision else ""
+        return f"BLOCK_J={self.block_j} warps={self.num_warps} stages={self.num_stages}{extra}"
 
 
 def p2(n: int) -> int:
@@ -51,29 +53,45 @@ def p2(n: int) -> int:
 
 def kernel(shape: Shape, kind: str):
     """kind: "fwd" | "bwd"."""
+    if (shape.depth, kind) == (1, "bwd") and shape.norm:
+        return _bwd_linear_norm
     return {(1, "fwd"): _fwd_linear, (2, "fwd"): _fwd_mlp2,
             (1, "bwd"): _bwd_linear, (2, "bwd"): _bwd_mlp2}[shape.depth, kind]
 
 
-def candidates(shape: Shape) -> list[Tiles]:
+KINDS = ("fwd", "bwd")
+
+
+def candidates(shape: Shape, kind: str) -> list[Tiles]:
     """Tilings in order of preference: wide tiles first (fewer passes over the chunk), then
     fewer pipeline stages (each stage buffers the next weight tiles in shared memory). The
-    normalised depth-1 memory has one: its LN needs every output column in one program."""
-    if shape.depth == 1 and shape.norm:
+    normalised depth-1 forward has one width: its LN needs every output column in one
+    program; its backward tiles the state's input rows instead (BLOCK_J is then BLOCK_I).
+    16-bit inputs try their TF32 tilings first, then the same on CUDA cores in IEEE fp32:
+    TF32's tensor-core operands take more shared memory (the d 128 backward fits no TF32
+    tiling on sm_90: 270,336 B at its smallest, 229,376 B in IEEE)."""
+    if (shape.depth, kind) == (1, "fwd") and shape.norm:
         width = p2(shape.d_out)
-        return [Tiles(width, 4 if width <= 64 else 8, stages) for stages in (2, 1)]
-    widest = min(64, p2(shape.hidden))
-    warps = 4 if shape.depth == 1 else 8
-    return [Tiles(bj, warps, stages) for bj in (64, 32, 16) if bj <= widest for stages in (2, 1)]
+        tiles = [Tiles(width, 4 if width <= 64 else 8, stages) for stages in (2, 1)]
+    else:
+        widest = min(64, p2(shape.hidden))
+        warps = 8 if shape.depth == 2 or shape.norm else 4
+        tiles = [Tiles(bj, warps, stages) for bj in (64, 32, 16) if bj <= widest for stages in (2, 1)]
+    if shape.precision == "ieee":
+        return tiles
+    return tiles + [replace(t, precision="ieee") for t in tiles]
 
 
-def default_tiles(shape: Shape) -> Tiles:
+def default_tiles(shape: Shape, kind: str) -> Tiles:
     """Where no target is known (the interpreter): the first candidate."""
-    return candidates(shape)[0]
+    return candidates(shape, kind)[0]
 
 
 def constexprs(shape: Shape, kind: str, tiles: Tiles, write_y: bool = True) -> dict:
     blocks = dict(BLOCK_C=p2(shape.chunk))
+    if kernel(shape, kind) is _bwd_linear_norm:
+        return dict(C=shape.chunk, D=shape.d_in, **blocks, BLOCK_D=p2(shape.d_in), BLOCK_I=tiles.block_j,
+                    PRECISION=tiles.precision or shape.precision)
     if shape.depth == 1:
         dims = dict(C=shape.chunk, D_IN=shape.d_in, D_OUT=shape.d_out)
         blocks.update(BLOCK_IN=p2(shape.d_in), BLOCK_OUT=tiles.block_j)
@@ -81,7 +99,9 @@ def constexprs(shape: Shape, kind: str, tiles: Tiles, write_y: bool = True) -> d
         dims = dict(C=shape.chunk, D=shape.d_in, HID=shape.hidden)
         blocks.update(BLOCK_D=p2(shape.d_in), BLOCK_J=tiles.block_j)
     extra = dict(WRITE_Y=write_y) if kind == "fwd" else {}
-    return dict(**dims, **blocks, **extra, NORM=shape.norm, PRECISION=shape.precision)
+    if (shape.depth, kind) != (1, "bwd"):      # the plain _bwd_linear has no NORM variant
+        extra["NORM"] = shape.norm
+    return dict(**dims, **blocks, **extra, PRECISION=tiles.precision or shape.precision)
 
 
 def pointer_dtypes(shape: Shape) -> dict:
@@ -108,7 +128,7 @@ def choose(shape: Shape, kind: str, arch: int, write_y: bool = True, compile: bo
     fn = kernel(shape, kind)
     name = fn.__name__ + ("" if write_y else "+recompute")
     limit, smallest = aot.smem_limit(arch), None
-    for tiles in candidates(shape):
+    for tiles in candidates(shape, kind):
         args = (fn, arch, constexprs(shape, kind, tiles, write_y), pointer_dtypes(shape), tiles.num_warps,
                 tiles.num_stages)
         try:

@@ -10,6 +10,8 @@ interpreter runs each tl.dot through numpy.
 import os
 import subprocess
 import sys
+from itertools import product
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -108,27 +110,6 @@ def test_fp32_equals_chunked_and_reference(depth, d, C, L, E, H):
     _assert_close(got, _run("naive", _as_float64(args), C, probe), 1e-5, "vs float64 reference")
 
 
-TILED = [(1, 48, 1), (2, 16, 3)]   # depth, d, expansion: 48 wide (partial 32- and 64-wide tiles)
-
-
-def test_the_tiling_tests_cover_every_candidate():
-    """Every BLOCK_J the dispatcher may choose (kernels/plan.py) is run below."""
-    for depth, d, E in TILED:
-        shape = plan.Shape(depth, d, d, E * d if depth == 2 else d, 8, "fp32")
-        assert {t.block_j for t in plan.candidates(shape)} == {16, 32, 64}
-
-
-@pytest.mark.parametrize("block_j", [16, 32, 64])
-@pytest.mark.parametrize("depth,d,E", TILED)
-def test_every_tiling_equals_chunked_and_reference(depth, d, E, block_j, monkeypatch):
-    monkeypatch.setattr(km, "TILES", plan.Tiles(block_j, num_warps=4, num_stages=1))
-    args = _inputs(depth, d, 21, E, H=1)
-    probe = _probe(args)
-    got = _run("triton", args, 8, probe, g=2)        # recompute: the forward without reads runs too
-    _assert_close(got, _run("chunked", args, 8, probe), 1e-5, f"BLOCK_J={block_j} vs chunked")
-    _assert_close(got, _run("naive", _as_float64(args), 8, probe), 1e-5, f"BLOCK_J={block_j} vs float64 reference")
-
-
 def _norm(H, d, dtype=torch.float32):
     """ln_weight, ln_bias [H, d] away from their init (1, 0), so every term of f shows."""
     g = torch.Generator().manual_seed(0)
@@ -163,22 +144,88 @@ def test_normalised_memory_equals_reference(depth, d, C, L, E, H):
     _assert_close(got, _run("naive", _as_float64(args), C, probe, norm=_norm64(norm)), 1e-4, "norm vs float64")
 
 
-@pytest.mark.parametrize("block_j", [16, 32, 64])
-def test_normalised_memory_every_hidden_tile(block_j, monkeypatch):
-    """Depth 2 sums g over hidden tiles before its LN: every BLOCK_J, partial tiles, recompute."""
-    monkeypatch.setattr(km, "TILES", plan.Tiles(block_j, num_warps=4, num_stages=1))
-    args = _inputs(2, 16, 21, 3, H=1, theta_scale=0.25, seed=1)
-    norm = _norm(1, 16)
-    probe = _probe(args, seed=0)
-    got = _run("triton", args, 8, probe, g=2, norm=norm)
-    _assert_close(got, _run("naive", _as_float64(args), 8, probe, norm=_norm64(norm)), 1e-4, f"BLOCK_J={block_j}")
-
-
 def test_normalised_depth1_plans_one_output_tile():
-    """LN couples a row's outputs, so the depth-1 kernels get every column in one program."""
+    """LN couples a row's outputs, so the depth-1 forward gets every column in one program;
+    the backward tiles the state's input rows instead."""
     for d in (16, 48, 128):
         shape = plan.Shape(1, d, d, d, 8, "fp32", norm=True)
-        assert {t.block_j for t in plan.candidates(shape)} == {plan.p2(d)}
+        assert {t.block_j for t in plan.candidates(shape, "fwd")} == {plan.p2(d)}
+        assert {t.block_j for t in plan.candidates(shape, "bwd")} == {16, 32, 64} & set(range(plan.p2(d) + 1))
+
+
+# Every tiling the dispatcher may choose (plan.candidates, its own table) over the widths the configs
+# can ask for (d 16-256, expansion 1-4), per depth, norm, kernel kind and input dtype: a new candidate
+# is run here without editing this file. The interpreter ignores warps and stages, so a tiling is its
+# BLOCK_J and its precision override (16-bit inputs fall back to IEEE dots where TF32 tiles do not
+# fit; those run with bf16 inputs). Each runs at the first test width that offers it (partial tiles
+# where the width allows: 48 is a partial 64-wide and 1.5 32-wide tiles), with recompute so the
+# forward without reads runs too.
+CONFIG_WIDTHS = [(d, E) for d in (16, 32, 64, 128, 256) for E in (1, 2, 3, 4)]
+TEST_WIDTHS = {1: [(48, 1), (24, 1), (16, 1), (96, 1), (192, 1)], 2: [(16, 3)]}   # depth: (d, E), preferred first
+
+
+def _shape(depth, d, E, norm, dtype="fp32"):
+    return plan.Shape(depth, d, d, E * d if depth == 2 else d, 8, dtype, norm)
+
+
+def _tilings(depth, d, E, norm, kind, dtype="fp32"):
+    return {(t.block_j, t.precision) for t in plan.candidates(_shape(depth, d, E, norm, dtype), kind)}
+
+
+def _dispatcher_tilings():
+    """(depth, norm, d, E, kinds, BLOCK_J, precision) to run: the kinds that run that tiling at that
+    test width."""
+    wanted = {(depth, norm, kind, tiling) for depth in (1, 2) for norm in (False, True) for kind in plan.KINDS
+              for d, E in CONFIG_WIDTHS if depth == 2 or E == 1 for dtype in ("fp32", "bf16")
+              for tiling in _tilings(depth, d, E, norm, kind, dtype)}
+    runs: dict = {}
+    for depth, norm, kind, tiling in sorted(wanted, key=str):
+        d, E = next(w for w in TEST_WIDTHS[depth] if tiling in _tilings(depth, *w, norm, kind, "bf16"))
+        runs.setdefault((depth, norm, d, E, *tiling), []).append(kind)
+    return [(depth, norm, d, E, tuple(kinds), bj, prec) for (depth, norm, d, E, bj, prec), kinds in runs.items()]
+
+
+TILINGS = _dispatcher_tilings()
+
+
+def test_the_tiling_tests_cover_every_candidate():
+    """The table above is not empty by accident: BLOCK_J 16, 32 and 64 for every depth, norm and
+    kind, with and without the IEEE override, and the normalised depth-1 forward's whole-row tiles
+    up to 256."""
+    covered = {(depth, norm, kind, bj, prec) for depth, norm, d, E, kinds, bj, prec in TILINGS for kind in kinds}
+    for key in product((1, 2), (False, True), plan.KINDS, (16, 32, 64), (None, "ieee")):
+        assert key in covered
+    whole_rows = {bj for depth, norm, kind, bj, prec in covered if (depth, norm, kind) == (1, True, "fwd")}
+    assert whole_rows == {16, 32, 64, 128, 256}
+
+
+def _tiling_param(depth, norm, d, E, kinds, bj, prec):
+    """The whole-row 256 tile (d 192, ~8 s each) is slow: it fits no target (262,144 B), so only the
+    interpreter runs it."""
+    return pytest.param(depth, norm, d, E, kinds, bj, prec, marks=[pytest.mark.slow] if d > 128 else [],
+                        id=f"depth{depth}-{'norm' if norm else 'plain'}-d{d}-E{E}-{'+'.join(kinds)}-{bj}"
+                           + (f"-{prec}" if prec else ""))
+
+
+@pytest.mark.parametrize("depth,norm,d,E,kinds,block_j,precision", [_tiling_param(*t) for t in TILINGS])
+def test_every_tiling_equals_chunked_and_reference(depth, norm, d, E, kinds, block_j, precision, monkeypatch):
+    tiles = plan.Tiles(block_j, num_warps=4, num_stages=1, precision=precision)
+    monkeypatch.setattr(km, "TILES", dict.fromkeys(kinds, tiles))
+    what = f"{kinds} {tiles}"
+    dtype, tol = (torch.bfloat16, 1e-2) if precision else (torch.float32, 1e-4 if norm else 1e-5)
+    if norm:     # as test_normalised_memory_equals_reference: small inner steps
+        args = _inputs(depth, d, 21, E, dtype=dtype, H=1, theta_scale=0.25, seed=1)
+        ln = _norm(1, d)
+        probe = _probe(args, seed=0)
+        got = _run("triton", args, 8, probe, g=2, norm=ln)
+        _assert_close(got, _run("naive", _as_float64(args), 8, probe, norm=_norm64(ln)), tol, what)
+        return
+    args = _inputs(depth, d, 21, E, dtype=dtype, H=1)
+    probe = _probe(args)
+    got = _run("triton", args, 8, probe, g=2)
+    if not precision:
+        _assert_close(got, _run("chunked", args, 8, probe), tol, f"{what} vs chunked")
+    _assert_close(got, _run("naive", _as_float64(args), 8, probe), tol, f"{what} vs float64 reference")
 
 
 @pytest.mark.parametrize("depth", [1, 2])
@@ -239,6 +286,28 @@ def test_triton_refuses_what_it_cannot_run():
         memory_scan(q, k, v, th, et, al, [torch.zeros(1, 1, 8, 8, dtype=torch.float64)], impl="triton")
     state = MemoryState.fresh([w.float() for w in init], 64)
     assert _resolve("auto", q.float(), state, None) == "chunked"          # CPU tensors: never triton by default
+
+
+def test_auto_falls_back_where_the_normalised_kernels_do_not_fit(monkeypatch):
+    """The dispatcher plans the kernels it would launch, the normalised ones included: where those
+    do not fit the device, impl='auto' runs 'fused' and impl='triton' says why. (A CUDA-looking q
+    and a stubbed device plan: which shapes fit a real target is tests/kernels/test_aot.py.)"""
+    asked = []
+
+    def device_plan(shape, arch):
+        asked.append((shape.norm, arch))
+        return ({}, "_bwd_linear_norm needs 300,000 B of shared memory") if shape.norm else ({"bwd": None}, None)
+
+    monkeypatch.setattr(km, "_device_plan", device_plan)
+    monkeypatch.setattr(km, "_arch", lambda device: 90)
+    q = SimpleNamespace(is_cuda=True, dtype=torch.float32, shape=(1, 1, 8, 16), device=torch.device("cuda", 0))
+    state = MemoryState.fresh([torch.zeros(1, 1, 16, 16)], 8)
+    norm = (torch.ones(1, 16), torch.zeros(1, 16))
+    assert _resolve("auto", q, state, None) == "triton"
+    assert _resolve("auto", q, state, norm) == "fused"
+    with pytest.raises(MemoryArgumentError, match="shared memory; use impl='fused'"):
+        _resolve("triton", q, state, norm)
+    assert asked == [(False, 90), (True, 90), (True, 90)]
 
 
 _NO_TRITON_SCRIPT = """

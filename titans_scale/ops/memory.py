@@ -47,14 +47,14 @@ IMPLS = ("auto", "naive", "chunked", "fused", "triton")
 class _Impl:
     fn: Callable                       # fn(q, k, v, theta, eta, alpha, state, recompute_group=None[, norm=])
     native_dtype: bool = False         # gets q..alpha in the caller's dtype and casts inside
-    unsupported: Callable | None = None  # (q, state) -> None, or why it cannot run these inputs
+    unsupported: Callable | None = None  # (q, state, norm: bool) -> None, or why it cannot run these inputs
     norm: bool = False                 # takes norm=(ln_weight, ln_bias), the normalised memory
 
 
 _REGISTRY: dict[str, _Impl] = {
     "naive": _Impl(lambda *args, recompute_group=None, norm=None: naive_scan(*args, norm=norm), norm=True),
     "chunked": _Impl(chunked_scan, norm=True),
-    "fused": _Impl(fused_scan, unsupported=fused_unsupported, norm=True),
+    "fused": _Impl(fused_scan, unsupported=lambda q, state, norm: fused_unsupported(q, state), norm=True),
 }
 
 
@@ -80,7 +80,7 @@ def _why_not(name: str, q: torch.Tensor, state: MemoryState, norm) -> str | None
     if norm is not None and not impl.norm:
         return (f"impl={name!r} does not support the normalised memory (ln_weight/ln_bias) yet; "
                 "use impl='chunked' or 'auto'")
-    return impl.unsupported(q, state) if impl.unsupported is not None else None
+    return impl.unsupported(q, state, norm is not None) if impl.unsupported is not None else None
 
 
 def _resolve(impl: str, q: torch.Tensor, state: MemoryState, norm=None) -> str:

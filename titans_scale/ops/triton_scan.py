@@ -35,7 +35,7 @@ from titans_scale.kernels.memory_fwd import _fwd_linear, _fwd_mlp2
 from titans_scale.kernels.plan import Shape, Tiles
 
 from .scan_function import ScanConfig, scan_with_backend
-from .state import MemoryArgumentError, MemoryState
+from .state import MemoryState
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def _interpreted(fn) -> bool:
 INTERPRETED = _interpreted(_fwd_linear)
 INTERPRETER_BROKEN = INTERPRETED and not _interpreted(triton.language.standard.sum)
 POISON_OUTPUTS = False   # tests: fill kernel outputs with NaN first, so unwritten elements show
-TILES: Tiles | None = None   # tests: force one tiling everywhere (the interpreter has no target)
+TILES: dict[str, Tiles] = {}   # tests: force a tiling per kind, "fwd" | "bwd" (the interpreter has no target)
 _DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -149,8 +149,9 @@ def _device_plan(shape: Shape, arch: int) -> tuple[dict, str | None]:
     return tiles, None
 
 
-def unsupported(q: torch.Tensor, state: MemoryState) -> str | None:
-    """Why impl='triton' cannot run these inputs (None when it can)."""
+def unsupported(q: torch.Tensor, state: MemoryState, norm: bool = False) -> str | None:
+    """Why impl='triton' cannot run these inputs (None when it can); norm: the normalised
+    memory, whose kernels differ (and so does what fits)."""
     if INTERPRETER_BROKEN:
         return ("impl='triton' under TRITON_INTERPRET=1 needs the variable set before triton is first "
                 "imported (something imported triton earlier); export it before starting Python")
@@ -162,7 +163,7 @@ def unsupported(q: torch.Tensor, state: MemoryState) -> str | None:
     if q.dtype not in _DTYPES:
         return f"impl='triton' computes in fp32 from fp32/bf16/fp16 inputs, got {q.dtype}; use impl='chunked'"
     if q.is_cuda:
-        reason = _device_plan(_shape(q, state), _arch(q.device))[1]
+        reason = _device_plan(_shape(q, state, norm), _arch(q.device))[1]
         if reason is not None:
             return f"{reason}; use impl='fused'"
     return None
@@ -172,11 +173,10 @@ def kernel_config(q, v, state: MemoryState, recompute_group, norm: bool = False)
     base = ScanConfig.of(q, v, state, recompute_group)
     shape = _shape(q, state, norm)
     if q.is_cuda:
-        tiles, reason = _device_plan(shape, _arch(q.device))
-        if reason is not None:   # unsupported() checked the plain memory; the normalised one may not fit
-            raise MemoryArgumentError(f"{reason}; use impl='fused'")
+        tiles = _device_plan(shape, _arch(q.device))[0]     # unsupported() already refused what does not fit
     else:
-        tiles = dict.fromkeys(("fwd", "fwd_recompute", "bwd"), TILES or plan.default_tiles(shape))
+        tiles = {key: TILES.get(kind) or plan.default_tiles(shape, kind)
+                 for key, kind in (("fwd", "fwd"), ("fwd_recompute", "fwd"), ("bwd", "bwd"))}
     return KernelConfig(**asdict(base), dtype=shape.dtype, norm=norm, **tiles)
 
 
