@@ -33,8 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import machine, table, write  # noqa: E402
 
 from titans_scale.config_io import load_config, sectioned  # noqa: E402
-from titans_scale.data.synthetic import needle_sample, recall_batch  # noqa: E402
+from titans_scale.data.synthetic import recall_batch  # noqa: E402
 from titans_scale.data.tokenizer import ByteTokenizer  # noqa: E402
+from titans_scale.eval.probe import needle_signal  # noqa: E402
 from titans_scale.eval.sweep import memory_weight_norm  # noqa: E402
 from titans_scale.model.config import ModelConfig  # noqa: E402
 from titans_scale.model.memory import NeuralMemory  # noqa: E402
@@ -78,28 +79,6 @@ def recall(model, data, bs: int = 16) -> dict:
             wnorm = max(wnorm, memory_weight_norm(state))
     return {"recall": torch.cat(right).float().mean().item(), "answer_loss": torch.stack(losses).mean().item(),
             "mem_norm_max": wnorm}
-
-
-def probe(model, seq: int, depth: float, samples: int = 4) -> float:
-    """Mean relative change of the answer logits when only the needle's digits change."""
-    tok = ByteTokenizer()
-    digits = torch.tensor([ord(c) for c in "0123456789"])
-    sig = []
-    with torch.no_grad():
-        for s in range(samples):
-            smp = needle_sample(tok, seq + 1, EVAL_SEED + 7 + s, needle="passkey", digits=DIGITS, depth=depth)
-            a = torch.from_numpy(smp.tokens())[:-1]
-            b = a.clone()
-            (lo, hi), = smp.needle_spans
-            for t in range(lo, hi):              # every digit of the needle, +5 mod 10
-                if (a[t] == digits).any():
-                    b[t] = digits[(int(a[t]) - ord("0") + 5) % 10]
-            pos = torch.from_numpy(smp.answer_positions - 1)
-            la, _ = model(a[None])
-            lb, _ = model(b[None])
-            la, lb = la[0, pos], lb[0, pos]
-            sig.append(((la - lb).norm() / la.norm()).item())
-    return sum(sig) / len(sig)
 
 
 def regate(model, theta_bias, eta_bias, w0_last) -> None:
@@ -147,7 +126,8 @@ def run(a) -> dict:
            "w0_last": a.w0_last, "seed": a.seed, "seq": a.seq, "depth": a.depth,
            "mem_depth": cfg.mem_depth, "max_lr": cfg.max_lr, "mem_norm": cfg.mem_norm, "chance": CHANCE,
            "machine": machine(), "curve": []}
-    out["probe_signal"] = probe(model, a.seq, a.depth)
+    out["probe_signal"] = needle_signal(model, a.seq, range(EVAL_SEED + 7, EVAL_SEED + 11), digits=DIGITS,
+                                        depth=a.depth)
     first = recall(model, held)
     out["init_mem_norm"] = first["mem_norm_max"]
     if a.probe:
