@@ -71,6 +71,7 @@ def _memory_params(cfg: ModelConfig) -> int:
             + 3 * Hd * (cfg.conv_kernel + 1)                 # depthwise conv weight + bias
             + 3 * H * (D + 1)                                # theta, eta, alpha gates
             + H * sum(i * o for i, o in memory_layer_dims(cfg))   # W^0
+            + (2 * Hd if cfg.mem_norm else 0)                # ln_weight, ln_bias of the normalised memory
             + d                                              # output RMSNorm
             + 2 * Hd * D)                                    # output gate + output projection
 

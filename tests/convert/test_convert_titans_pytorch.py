@@ -61,7 +61,7 @@ def random_theirs(seed: int):
 def random_ours(seed: int) -> tuple[ModelConfig, NeuralMemory]:
     torch.manual_seed(seed)
     cfg = ModelConfig(d_model=D, n_heads=H, layers=["lmm"], mem_heads=H, mem_depth=1, chunk_size=C, segment_len=C,
-                      max_lr=0.5, conv_kernel=1, norm_eps=torch.finfo(torch.float32).eps)
+                      max_lr=0.5, conv_kernel=1, norm_eps=torch.finfo(torch.float32).eps, mem_norm=False)
     mem = NeuralMemory(cfg)
     with torch.no_grad():
         for p in mem.parameters():

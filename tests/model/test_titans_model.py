@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from titans_scale.model import MIXERS, ModelConfig, ModelConfigError, TitansLM
 from titans_scale.model.attention import segment_attention, sliding_window_attention
+from titans_scale.model.memory import NeuralMemory
 
 
 def tiny_cfg(mixer, **kw):
@@ -121,6 +122,15 @@ def test_gate_initialisation_keeps_memory_long():
     with torch.no_grad():                     # correlated inputs (repeated tokens) stay finite
         out, state = model(torch.full((1, 1024), 7))
     assert torch.isfinite(out).all() and all(w.abs().max() < 1e3 for w in state.layers[0].memory.weights)
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_only_a_plain_linear_memory_starts_empty(norm):
+    """docs/design.md, memory defaults: LN of a zero g divides by sqrt(eps), so a normalised linear
+    memory starts random like a deep one; the plain linear memory starts at W^0 = 0."""
+    w0 = lambda depth: NeuralMemory(ModelConfig(d_model=32, n_heads=2, mem_depth=depth, mem_norm=norm)).init_weights  # noqa: E731
+    assert all(w.abs().max() > 0 for w in w0(2))
+    assert bool((w0(1)[0] == 0).all()) is not norm
 
 
 @pytest.mark.parametrize("mixer", ["mag", "mac"])

@@ -112,7 +112,7 @@ def _op_case(comm, strategy, depth, L, cuts, mid, seed=0):
 
 def _model_cfg(layers, depth, mem_heads=4):
     return ModelConfig(d_model=16, n_heads=2, mem_heads=mem_heads, layers=layers, mem_depth=depth, mem_expansion=2,
-                       chunk_size=4, window=6, segment_len=8, n_persistent=2, vocab_size=50)
+                       chunk_size=4, window=6, segment_len=8, n_persistent=2, vocab_size=50, mem_norm=False)
 
 
 def _model(layers, depth):

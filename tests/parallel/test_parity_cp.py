@@ -108,7 +108,7 @@ def test_auto_strategy_never_picks_state_passing_for_the_normalised_memory():
     from titans_scale.model import ModelConfig
     from titans_scale.parallel.context import CPConfigError, check_cp_config
 
-    plain = ModelConfig(d_model=24, n_heads=2, mem_heads=3, mem_depth=1, layers=["lmm"])
+    plain = ModelConfig(d_model=24, n_heads=2, mem_heads=3, mem_depth=1, layers=["lmm"], mem_norm=False)
     assert check_cp_config(plain, cp=2) == ["state_passing"]
     assert check_cp_config(replace(plain, mem_norm=True), cp=2) == ["ring"]
     with pytest.raises(CPConfigError, match="mem_norm"):

@@ -272,7 +272,7 @@ def import_memory(state_dict: dict[str, torch.Tensor], options: TitansPytorchOpt
     }
     cfg = ModelConfig(d_model=D, n_heads=H if (D // H) % 2 == 0 else 1, layers=["lmm"], mem_heads=H, mem_depth=1,
                       chunk_size=o.batch_size, segment_len=o.batch_size, max_lr=o.default_step_transform_max_lr * 2 / d,
-                      conv_kernel=1, norm_eps=EPS32)
+                      conv_kernel=1, norm_eps=EPS32, mem_norm=False)
     return cfg, {prefix + k: v.contiguous() for k, v in ours.items()}
 
 
@@ -285,6 +285,8 @@ def export_memory(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], *, acce
     if cfg.mem_depth != 1:
         msgs.append(f"mem_depth={cfg.mem_depth}: our deep memory is k + MLP(k); titans-pytorch's MemoryMLP has "
                     "no skip and its ResidualNorm adds a LayerNorm (only a linear memory maps)")
+    if cfg.mem_norm:
+        msgs.append("mem_norm=true: the mapped memory is titans-pytorch's plain linear one (set model.mem_norm=false)")
     if H < 2:
         msgs.append(f"mem_heads={H}: titans-pytorch with one head has no output projection or gate")
     if cfg.norm_eps != EPS32:

@@ -34,7 +34,7 @@ class ModelConfig:
     mem_expansion: int = 4
     chunk_size: int = 64
     max_lr: float = 0.01                  # bound on the inner learning rate theta
-    mem_norm: bool = False                # normalised residual memory f(k) = k + w LN(g(k)) + b
+    mem_norm: bool = True                 # normalised residual memory f(k) = k + w LN(g(k)) + b (false: f = k + g(k))
     conv_kernel: int = 4
     recompute_group: int = 0              # memory op keeps one state per g chunks in backward (0 = all)
     # attention (docs/design.md section 4)

@@ -51,15 +51,17 @@ class NeuralMemory(nn.Module):
         self.qkv = nn.Linear(D, 3 * H * d, bias=False)
         self.conv = CausalDepthwiseConv(3 * H * d, cfg.conv_kernel)
         self.gates = nn.Linear(D, 3 * H)               # [H, (theta, eta, alpha)]
-        # W^0, shared across the batch (Eq. 12's initial memory). Deep memories start near the
-        # residual identity; a linear one starts at zero so it first returns nothing.
+        # W^0, shared across the batch (Eq. 12's initial memory), random at 1/sqrt(fan-in). A plain
+        # linear memory starts at zero so it first returns nothing; a normalised one cannot (LN of
+        # a zero g divides by sqrt(eps): a 300x inner step, docs/long_context.md).
+        empty = cfg.mem_depth == 1 and not cfg.mem_norm
         if cfg.mem_depth == 1:
             shapes = [(d, d)]
         else:
             hid = cfg.mem_expansion * d
             shapes = [(d, hid)] + [(hid, hid)] * (cfg.mem_depth - 2) + [(hid, d)]
         self.init_weights = nn.ParameterList(
-            [nn.Parameter(torch.randn(H, i, o) / math.sqrt(i) * (0.0 if cfg.mem_depth == 1 else 1.0))
+            [nn.Parameter(torch.randn(H, i, o) / math.sqrt(i) * (0.0 if empty else 1.0))
              for i, o in shapes])
         # The normalised residual memory's outer affine (docs/design.md section 3), per head;
         # trained by the outer loss, never by the inner update.
