@@ -12,9 +12,11 @@ continues the same loss curve.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -113,8 +115,8 @@ class Trainer:
         for attempt in range(1, tries + 1):
             try:
                 return self.engine.save(self.step, self.trainer_state())
-            except (OSError, CheckpointException) as failure:
-                e = _os_error(failure)
+            except (OSError, RuntimeError, CheckpointException) as failure:
+                e = _os_error(failure, checkpoint_dir(self.run_dir))
                 if e is None:           # not a failed write: a bug, with its traceback
                     raise
                 if attempt < tries:
@@ -218,13 +220,31 @@ class Trainer:
         return last
 
 
-def _os_error(e: BaseException) -> OSError | None:
-    """The OSError behind a failed checkpoint write: `e` itself, or the one a rank hit inside
-    torch.distributed.checkpoint (which reports each rank's failure in a CheckpointException)."""
+# torch's zip writer (torch.save, also inside torch.distributed.checkpoint) reports a short or
+# failed write (a full disk) as a RuntimeError raised from this source file, not as an OSError.
+_TORCH_ZIP_WRITER = "inline_container.cc"
+
+
+def _os_error(e: BaseException, folder: Path | None = None) -> OSError | None:
+    """The OSError behind a failed checkpoint write into `folder`: `e` itself, torch's zip writer
+    failing (ENOSPC when the folder's file system is full), or the one a rank hit inside
+    torch.distributed.checkpoint (which reports each rank's failure in a CheckpointException).
+    None: not a failed write (a bug)."""
     if isinstance(e, OSError):
         return e
+    if isinstance(e, RuntimeError) and _TORCH_ZIP_WRITER in str(e):
+        if folder is not None and _free_bytes(folder) < (1 << 20):
+            return OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (torch's writer: {str(e).strip()})")
+        return OSError(f"a write came up short (torch's writer: {str(e).strip()})")
     failures = [f[0] if isinstance(f, tuple) else f for f in getattr(e, "failures", {}).values()]
-    return next((f for f in failures if isinstance(f, OSError)), None)
+    return next((w for w in (_os_error(f, folder) for f in failures) if w is not None), None)
+
+
+def _free_bytes(folder: Path) -> int:
+    """Free bytes on the file system holding `folder` (or its nearest existing parent)."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
 
 
 def _engine(cfg: RunConfig, layout: Layout | None) -> Engine:
