@@ -38,7 +38,8 @@ import triton
 import triton.language as tl
 
 from .memory_fwd import (
-    gelu, gelu_grad, gelu_grad2, hidden_tile, layer_norm, layer_norm_backward, load_norm, load_rows, norm_error,
+    chunk_coefficients, gelu, gelu_grad, gelu_grad2, hidden_tile, layer_norm, layer_norm_backward, load_norm,
+    load_rows, norm_error,
 )
 
 
@@ -88,12 +89,7 @@ def _bwd_linear(
         tok = (tok_chunk0 + c) * C + rc
         q = load_rows(q_ptr, bh, T, tok, ri, mc, mi, D_IN)
         k = load_rows(k_ptr, bh, T, tok, ri, mc, mi, D_IN)
-        cidx = bh * n_chunks * C + c * C + rc
-        cs = tl.load(cs_ptr + cidx, mask=mc, other=0.0)[:, None]
-        cw = tl.load(cw_ptr + cidx, mask=mc, other=0.0)[:, None]
-        P = tl.load(p_ptr + bh * n_chunks + c)
-        A = tl.load(a_ptr + bh * n_chunks + c)
-        Q = tl.load(qq_ptr + bh * n_chunks + c)
+        cidx, cs, cw, P, A, Q = chunk_coefficients(cs_ptr, cw_ptr, p_ptr, a_ptr, qq_ptr, bh, n_chunks, c, rc, mc, C)
         slot = (bh * n_slots + slot0 + c) * W_SIZE
         dq = tl.zeros((BLOCK_C, BLOCK_IN), dtype=tl.float32)
         dk = tl.zeros((BLOCK_C, BLOCK_IN), dtype=tl.float32)
@@ -170,12 +166,7 @@ def _bwd_linear_norm(
     for i in range(n_chunks):
         c = n_chunks - 1 - i
         tok = (tok_chunk0 + c) * C + rc
-        cidx = bh * n_chunks * C + c * C + rc
-        cs = tl.load(cs_ptr + cidx, mask=mc, other=0.0)[:, None]
-        cw = tl.load(cw_ptr + cidx, mask=mc, other=0.0)[:, None]
-        P = tl.load(p_ptr + bh * n_chunks + c)
-        A = tl.load(a_ptr + bh * n_chunks + c)
-        Q = tl.load(qq_ptr + bh * n_chunks + c)
+        cidx, cs, cw, P, A, Q = chunk_coefficients(cs_ptr, cw_ptr, p_ptr, a_ptr, qq_ptr, bh, n_chunks, c, rc, mc, C)
         slot = (bh * n_slots + slot0 + c) * W_SIZE
 
         # pass 1: the row quantities, summed over row tiles of the state
@@ -275,12 +266,7 @@ def _bwd_mlp2(
         tok = (tok_chunk0 + c) * C + rc
         k = load_rows(k_ptr, bh, T, tok, rd, mc, md, D)
         v = load_rows(v_ptr, bh, T, tok, rd, mc, md, D)
-        cidx = bh * n_chunks * C + c * C + rc
-        cs = tl.load(cs_ptr + cidx, mask=mc, other=0.0)[:, None]
-        cw = tl.load(cw_ptr + cidx, mask=mc, other=0.0)[:, None]
-        P = tl.load(p_ptr + bh * n_chunks + c)
-        A = tl.load(a_ptr + bh * n_chunks + c)
-        Q = tl.load(qq_ptr + bh * n_chunks + c)
+        cidx, cs, cw, P, A, Q = chunk_coefficients(cs_ptr, cw_ptr, p_ptr, a_ptr, qq_ptr, bh, n_chunks, c, rc, mc, C)
         state = (bh * n_slots + slot0 + c) * W_SIZE
         kt = tl.trans(k)
 

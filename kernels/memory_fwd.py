@@ -47,6 +47,17 @@ LN_EPS = tl.constexpr(1e-5)
 
 
 @triton.jit
+def chunk_coefficients(cs_ptr, cw_ptr, p_ptr, a_ptr, qq_ptr, bh, n_chunks, c, rc, mc, C: tl.constexpr):
+    """Chunk c's closed-form scan coefficients: per token cs, cw [C, 1] (with their flat index) and
+    the chunk's P, A, Q (docs/kernels.md)."""
+    cidx = bh * n_chunks * C + c * C + rc
+    cs = tl.load(cs_ptr + cidx, mask=mc, other=0.0)[:, None]
+    cw = tl.load(cw_ptr + cidx, mask=mc, other=0.0)[:, None]
+    base = bh * n_chunks + c
+    return cidx, cs, cw, tl.load(p_ptr + base), tl.load(a_ptr + base), tl.load(qq_ptr + base)
+
+
+@triton.jit
 def hidden_tile(j0, rd, md, HID, D, BLOCK_J: tl.constexpr):
     """Masks and offsets of hidden tile [j0, j0 + BLOCK_J) in W1 [D, HID] (its columns) and
     W2 [HID, D] (its rows): (mask1, mask2, offsets1, offsets2)."""
@@ -158,19 +169,14 @@ def _fwd_linear(
             if NORM:
                 y = norm_read(q, y, lw, lb, mo, D_OUT)
             tl.store(y_ptr + (bh * T + tok)[:, None] * D_OUT + ro[None, :], y, mask=mc[:, None] & mo[None, :])
-        cidx = bh * n_chunks * C + c * C + rc
-        cs = tl.load(cs_ptr + cidx, mask=mc, other=0.0)
-        cw = tl.load(cw_ptr + cidx, mask=mc, other=0.0)
-        P = tl.load(p_ptr + bh * n_chunks + c)
-        A = tl.load(a_ptr + bh * n_chunks + c)
-        Q = tl.load(qq_ptr + bh * n_chunks + c)
+        _, cs, cw, P, A, Q = chunk_coefficients(cs_ptr, cw_ptr, p_ptr, a_ptr, qq_ptr, bh, n_chunks, c, rc, mc, C)
         if NORM:
             err = norm_error(tl.dot(k, W, input_precision=PRECISION), k, v, lw, lb, mo, D_OUT)[0]
         else:
             err = tl.dot(k, W, input_precision=PRECISION) - v      # grad of l_t w.r.t. f
         kt = tl.trans(k)
-        W_new = A * W + Q * S + tl.dot(kt, cw[:, None] * err, input_precision=PRECISION)
-        S = P * S + tl.dot(kt, cs[:, None] * err, input_precision=PRECISION)
+        W_new = A * W + Q * S + tl.dot(kt, cw * err, input_precision=PRECISION)
+        S = P * S + tl.dot(kt, cs * err, input_precision=PRECISION)
         W = W_new
     tl.store(w_ptr + bh * D_IN * D_OUT + w_off, W, mask=m_w)
     tl.store(s_ptr + bh * D_IN * D_OUT + w_off, S, mask=m_w)
@@ -224,12 +230,7 @@ def _fwd_mlp2(
             err = norm_error(pred, k, v, lw, lb, md, D)[0]
         else:
             err = k + pred - v                                           # d l_t / d f (skip adds k)
-        cidx = bh * n_chunks * C + c * C + rc
-        cs = tl.load(cs_ptr + cidx, mask=mc, other=0.0)[:, None]
-        cw = tl.load(cw_ptr + cidx, mask=mc, other=0.0)[:, None]
-        P = tl.load(p_ptr + bh * n_chunks + c)
-        A = tl.load(a_ptr + bh * n_chunks + c)
-        Q = tl.load(qq_ptr + bh * n_chunks + c)
+        _, cs, cw, P, A, Q = chunk_coefficients(cs_ptr, cw_ptr, p_ptr, a_ptr, qq_ptr, bh, n_chunks, c, rc, mc, C)
         save = c % save_stride == 0
         slot = (bh * n_slots + c // save_stride) * W_SIZE
         kt = tl.trans(k)
