@@ -147,7 +147,9 @@ def test_memory_recompute_gives_the_same_gradients(mixer):
 
 @pytest.mark.parametrize("mixer,kw", [("mac", dict(mac_output="product")), ("mac", dict(mac_output="add")),
                                       ("mac", dict(mem_attn_norm=False)),
-                                      ("mal", dict(mem_attn_norm=False))])
+                                      ("mal", dict(mem_attn_norm=False)),
+                                      ("mag", dict(mem_residual=True)), ("mal", dict(mem_residual=True)),
+                                      ("mac", dict(mem_residual=True))])
 def test_memory_attention_options_stream_and_stay_causal(mixer, kw):
     """The non-default ways the memory meets attention keep streaming exact and the model causal."""
     model = tiny_model(mixer, **kw)
@@ -177,3 +179,27 @@ def test_memory_reads_enter_attention_normalised(mixer):
     mix(torch.randn(1, 20, 32, dtype=torch.float64), None, 0)
     rms = torch.cat([t.flatten(0, 1) for t in seen]).pow(2).mean(-1).sqrt()
     assert len(seen) and torch.allclose(rms, torch.ones_like(rms), atol=1e-3)
+
+
+@pytest.mark.parametrize("mixer", ["mag", "mal", "mac"])
+def test_mem_residual_adds_the_memory_read_to_the_output(mixer):
+    """model.mem_residual: the layer's output is the paper's plus the memory's read (M(x) for MAG and
+    MAL, MAC's retrieved h), so a change of that read alone moves the output by exactly as much."""
+    x = torch.randn(1, 20, 32, dtype=torch.float64)
+    outs = {}
+    for residual in (False, True):
+        torch.manual_seed(0)
+        mix = tiny_model(mixer, mem_residual=residual).blocks["1"].mixer
+        reads = []
+        orig = mix.memory.output
+
+        def spy(y, xx):
+            out = orig(y, xx)
+            reads.append(out)
+            return out
+        mix.memory.output = spy
+        outs[residual] = mix(x, None, 0)[0]
+    added = outs[True] - outs[False]
+    # MAC reads once per segment (h) and once per update (its Eq. 25 gate): h is the first of each pair
+    read = torch.cat(reads[::2], 1) if mixer == "mac" else reads[-1]
+    assert added.abs().max() > 1e-6 and torch.allclose(added, read, atol=1e-12)

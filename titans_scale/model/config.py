@@ -49,6 +49,8 @@ class ModelConfig:
     mem_attn_norm: bool = True            # RMS-normalise memory reads entering attention (MAC's h, MAL's M(x))
     mac_output: MacOutput = "gate"        # MAC Eq. 25 o = y (x) M(y): "gate" y*sigmoid(M(y)), "product" y*M(y),
                                           # "add" y + M(y) (not the paper's: the memory's read joins the residual)
+    mem_residual: bool = False            # also add the memory's read to the layer's output: M(x) (MAG, MAL),
+                                          # MAC's retrieved h (Eq. 21); not the paper's: LMM's path beside attention
 
     def __post_init__(self):
         self.validate()

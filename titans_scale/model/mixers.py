@@ -99,11 +99,13 @@ class MAG(nn.Module):
         self.swa = SlidingWindow(cfg)
         self.memory = NeuralMemory(cfg)
         self.norm_y, self.norm_m = RMSNorm(cfg.d_model, cfg.norm_eps), RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.residual = cfg.mem_residual
 
     def forward(self, x, state, pos0):
         y, tail = self.swa(x, state and state.tail, pos0)
         m, mem = self.memory(x, state and state.memory)
-        return self.norm_y(y) * torch.sigmoid(self.norm_m(m)), MAGState(tail, mem)
+        o = self.norm_y(y) * torch.sigmoid(self.norm_m(m))
+        return (o + m if self.residual else o), MAGState(tail, mem)
 
 
 class MAL(nn.Module):
@@ -114,14 +116,13 @@ class MAL(nn.Module):
         super().__init__()
         self.memory = NeuralMemory(cfg)
         self.swa = SlidingWindow(cfg)
-        self.m_norm = cfg.mem_attn_norm
+        self.m_norm, self.residual = cfg.mem_attn_norm, cfg.mem_residual
 
     def forward(self, x, state, pos0):
         m, mem = self.memory(x, state and state.memory)
-        if self.m_norm:           # attention's input at the scale of a normed residual stream
-            m = F.rms_norm(m, m.shape[-1:])
-        y, tail = self.swa(m, state and state.tail, pos0)
-        return y, MALState(mem, tail)
+        a = F.rms_norm(m, m.shape[-1:]) if self.m_norm else m   # attention's input at a normed stream's scale
+        y, tail = self.swa(a, state and state.tail, pos0)
+        return (y + m if self.residual else y), MALState(mem, tail)
 
 
 @dataclass
@@ -145,7 +146,7 @@ class MAC(nn.Module):
         super().__init__()
         self.attn, self.segment = _attention(cfg), cfg.segment_len
         self.memory = NeuralMemory(cfg)
-        self.norm, self.combine = cfg.mem_attn_norm, cfg.mac_output
+        self.norm, self.combine, self.residual = cfg.mem_attn_norm, cfg.mac_output, cfg.mem_residual
 
     def initial_state(self, x: torch.Tensor) -> MACState:
         """The state before a sequence's first token (x: a piece of it, for batch, device, dtype)."""
@@ -163,17 +164,18 @@ class MAC(nn.Module):
         for i, xs in enumerate(xx.split(self.segment, dim=1)):
             s0 = i * self.segment
             (q,), conv_x_next = self.memory.project(xs, conv_x, parts=1)
-            h = self.memory.output(self.memory.read(mem.memory.chunk_start, q), xs)  # Eq. 21
-            if self.norm:         # h at the scale of the (RMS-normed) segment tokens it joins
-                h = F.rms_norm(h, h.shape[-1:])
+            r = self.memory.output(self.memory.read(mem.memory.chunk_start, q), xs)  # Eq. 21
+            # h at the scale of the (RMS-normed) segment tokens it joins
+            h = F.rms_norm(r, r.shape[-1:]) if self.norm else r
             y = self.attn.segments(xs, start + s0, self.segment, h)                      # Eqs. 22-23
             # the memory reads y at the scale of its other inputs (a normed residual stream): a raw
             # attention output is ~1e-2 at init, its values ~1e-4 against f's residual k of norm 1
             ym = F.rms_norm(y, y.shape[-1:]) if self.norm else y
             m, mem_next = self.memory.scan(ym, mem)                                       # Eq. 24
             g = self.memory.output(m, ym)
-            outs.append(y * torch.sigmoid(g) if self.combine == "gate" else                 # Eq. 25
-                        y * g if self.combine == "product" else y + g)
+            o = (y * torch.sigmoid(g) if self.combine == "gate" else                        # Eq. 25
+                 y * g if self.combine == "product" else y + g)
+            outs.append(o + r if self.residual else o)
             if xs.shape[1] == self.segment:       # a finished segment moves the state on
                 mem, conv_x = mem_next, conv_x_next
         tail = xx[:, xx.shape[1] - xx.shape[1] % self.segment:]
