@@ -103,6 +103,7 @@ def test_outer_loss_trains_every_memory_parameter(mixer):
     (dict(max_lr=2.0), "model.max_lr"),
     (dict(layers=[]), "model.layers"),
     (dict(mac_output="sum"), "model.mac_output"),
+    (dict(mac_memory_input="y"), "model.mac_memory_input"),
 ])
 def test_bad_config_names_the_field(kw, field):
     with pytest.raises(ModelConfigError, match=field):
@@ -149,7 +150,8 @@ def test_memory_recompute_gives_the_same_gradients(mixer):
                                       ("mac", dict(mem_attn_norm=False)),
                                       ("mal", dict(mem_attn_norm=False)),
                                       ("mag", dict(mem_residual=True)), ("mal", dict(mem_residual=True)),
-                                      ("mac", dict(mem_residual=True))])
+                                      ("mac", dict(mem_residual=True)),
+                                      ("mac", dict(mac_memory_input="input", mem_residual=True))])
 def test_memory_attention_options_stream_and_stay_causal(mixer, kw):
     """The non-default ways the memory meets attention keep streaming exact and the model causal."""
     model = tiny_model(mixer, **kw)
@@ -203,3 +205,22 @@ def test_mem_residual_adds_the_memory_read_to_the_output(mixer):
     # MAC reads once per segment (h) and once per update (its Eq. 25 gate): h is the first of each pair
     read = torch.cat(reads[::2], 1) if mixer == "mac" else reads[-1]
     assert added.abs().max() > 1e-6 and torch.allclose(added, read, atol=1e-12)
+
+
+@pytest.mark.parametrize("store", ["attention", "input"])
+def test_mac_memory_stores_what_mac_memory_input_names(store):
+    """model.mac_memory_input: MAC's memory is updated with the attention output y (Eq. 24, normed),
+    or with the segment's own inputs x (as titans-pytorch's MAC stores the residual stream)."""
+    mix = tiny_model("mac", mac_memory_input=store).blocks["1"].mixer
+    orig, seen = mix.memory.scan, []
+
+    def spy(x, state):
+        seen.append(x)
+        return orig(x, state)
+    mix.memory.scan = spy
+    x = torch.randn(1, 16, 32, dtype=torch.float64)
+    mix(x, None, 0)
+    stored = torch.cat(seen, 1)
+    assert torch.equal(stored, x) is (store == "input")
+    if store == "attention":      # RMS-normed y
+        assert torch.allclose(stored.pow(2).mean(-1), torch.ones(1, 16, dtype=torch.float64), atol=1e-3)

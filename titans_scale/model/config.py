@@ -12,6 +12,7 @@ MemoryMixer = Literal["mac", "mag", "mal", "lmm"]
 AttentionMixer = Literal["swa", "seg", "attn"]   # memory-off baselines: sliding window, segments, full
 Mixer = Literal[MemoryMixer, AttentionMixer]
 MacOutput = Literal["gate", "product", "add"]
+MacMemoryInput = Literal["attention", "input"]
 MEMORY_MIXERS = typing.get_args(MemoryMixer)
 ATTENTION_MIXERS = typing.get_args(AttentionMixer)
 MIXERS = typing.get_args(Mixer)
@@ -49,6 +50,8 @@ class ModelConfig:
     mem_attn_norm: bool = True            # RMS-normalise memory reads entering attention (MAC's h, MAL's M(x))
     mac_output: MacOutput = "gate"        # MAC Eq. 25 o = y (x) M(y): "gate" y*sigmoid(M(y)), "product" y*M(y),
                                           # "add" y + M(y) (not the paper's: the memory's read joins the residual)
+    mac_memory_input: MacMemoryInput = "attention"  # what MAC's memory stores and reads in Eqs. 24-25: the
+                                          # attention output y (paper) or the segment's inputs x (as titans-pytorch)
     mem_residual: bool = False            # also add the memory's read to the layer's output: M(x) (MAG, MAL),
                                           # MAC's retrieved h (Eq. 21); not the paper's: LMM's path beside attention
 
@@ -103,5 +106,8 @@ class ModelConfig:
             bad("max_lr", f"must be in (0, 1], got {self.max_lr} (the inner step must stay bounded)")
         if self.mac_output not in typing.get_args(MacOutput):
             bad("mac_output", f"unknown {self.mac_output!r}; choose from {', '.join(typing.get_args(MacOutput))}")
+        if self.mac_memory_input not in typing.get_args(MacMemoryInput):
+            bad("mac_memory_input", f"unknown {self.mac_memory_input!r}; choose from "
+                f"{', '.join(typing.get_args(MacMemoryInput))}")
         if self.n_persistent < 0:
             bad("n_persistent", f"must be >= 0, got {self.n_persistent}")

@@ -147,6 +147,7 @@ class MAC(nn.Module):
         self.attn, self.segment = _attention(cfg), cfg.segment_len
         self.memory = NeuralMemory(cfg)
         self.norm, self.combine, self.residual = cfg.mem_attn_norm, cfg.mac_output, cfg.mem_residual
+        self.store_input = cfg.mac_memory_input == "input"
 
     def initial_state(self, x: torch.Tensor) -> MACState:
         """The state before a sequence's first token (x: a piece of it, for batch, device, dtype)."""
@@ -168,9 +169,11 @@ class MAC(nn.Module):
             # h at the scale of the (RMS-normed) segment tokens it joins
             h = F.rms_norm(r, r.shape[-1:]) if self.norm else r
             y = self.attn.segments(xs, start + s0, self.segment, h)                      # Eqs. 22-23
-            # the memory reads y at the scale of its other inputs (a normed residual stream): a raw
-            # attention output is ~1e-2 at init, its values ~1e-4 against f's residual k of norm 1
-            ym = F.rms_norm(y, y.shape[-1:]) if self.norm else y
+            if self.store_input:  # the memory stores the segment's inputs (as titans-pytorch does)
+                ym = xs
+            else:                 # Eq. 24: it stores y, at the scale of its other inputs (a normed
+                # stream): a raw attention output is ~1e-2 at init, its values ~1e-4 against f's k of norm 1
+                ym = F.rms_norm(y, y.shape[-1:]) if self.norm else y
             m, mem_next = self.memory.scan(ym, mem)                                       # Eq. 24
             g = self.memory.output(m, ym)
             o = (y * torch.sigmoid(g) if self.combine == "gate" else                        # Eq. 25
