@@ -39,15 +39,24 @@ def recipe(name: str, tmp: Path, *extra: str):
                            SHORT + [f"train.run_dir={tmp / name}", f"data.shard_dir={tmp / 'shards'}", *extra])
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """The short recipe with memory (LMM) and without (sliding window), equal steps, fixed seed."""
-    tmp = tmp_path_factory.mktemp("recall")
+def train_pair(tmp: Path, names: tuple[str, str]) -> Path:
     threads = torch.get_num_threads()
-    for name in ("lmm", "swa"):
+    for name in names:
         Trainer(recipe(name, tmp), resume=False).run()
     torch.set_num_threads(threads)           # the recipe pins one thread
     return tmp
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The short recipe with memory (LMM) and without (sliding window), equal steps, fixed seed."""
+    return train_pair(tmp_path_factory.mktemp("recall"), ("lmm", "swa"))
+
+
+@pytest.fixture(scope="module")
+def trained_mac(tmp_path_factory):
+    """The same for MAC (the slowest to learn) and its memory-off twin, segment attention."""
+    return train_pair(tmp_path_factory.mktemp("recall_mac"), ("mac", "seg"))
 
 
 def cli_eval(run: Path, *args: str, capsys) -> dict:
@@ -93,14 +102,16 @@ def test_recall_mixture_weights_answers_up(trained):
         assert tok.decode(y[kept].tolist()) == " " + key
 
 
-def test_memory_learns_recall_beyond_attention(trained, capsys):
-    """At 384 tokens with the needle 130-230 tokens back (attention sees <= 64): LMM recalls
-    the pass key, the sliding-window model trained for the same steps is at chance."""
+@pytest.mark.parametrize("memory,twin", [("lmm", "swa"), ("mac", "seg")])
+def test_memory_learns_recall_beyond_attention(memory, twin, request, capsys):
+    """At 384 tokens with the needle 130-230 tokens back (attention sees <= 64): the memory model
+    recalls the pass key, its memory-off twin trained for the same steps is at chance."""
+    trained = request.getfixturevalue("trained" if memory == "lmm" else "trained_mac")
     args = ("--suite", "niah", "--lengths", "384", "--depths", "0,0.25,0.5", "--samples", "16")
-    on, off = (cli_eval(trained / n, *args, capsys=capsys) for n in ("lmm", "swa"))
-    report = {n: json.loads(Path(r["niah_json"]).read_text()) for n, r in (("lmm", on), ("swa", off))}
+    on, off = (cli_eval(trained / n, *args, capsys=capsys) for n in (memory, twin))
+    report = {n: json.loads(Path(r["niah_json"]).read_text()) for n, r in ((memory, on), (twin, off))}
     assert all(c["beyond_attention"] for r in report.values() for c in r["cells"])
-    assert min(c["min_distance"] for c in report["swa"]["cells"]) > 2 * 64
+    assert min(c["min_distance"] for c in report[twin]["cells"]) > 2 * 64
     chance = on["niah_chance"]
     assert chance == pytest.approx(1 / 90)
     print(f"memory on {on['niah_beyond_acc']:.2f}, off {off['niah_beyond_acc']:.2f}, chance {chance:.3f}")
