@@ -242,10 +242,12 @@ RTOL = 1e-5                 # losses: relative, per step; gradients: relative to
 
 def make_cfg(tp: int = 1, pp: int = 1, dp: int = 1, *, sp: bool = False, vpp: int = 1, micro: int = 1,
              engine: str = "megatron", zero: int = 1, cp: int = 1, cp_strategy: str = "a2a",
-             layers: tuple[str, ...] = ALL_MIXERS, mem_norm: bool = False) -> RunConfig:
+             layers: tuple[str, ...] = ALL_MIXERS, mem_norm: bool = False, model: dict | None = None) -> RunConfig:
+    """model: further ModelConfig fields (e.g. the recall recipes' options)."""
     cfg = RunConfig()
     cfg.model = ModelConfig(d_model=32, n_heads=2, mem_heads=2, mem_expansion=2, chunk_size=8, window=8,
-                            segment_len=16, n_persistent=2, vocab_size=259, layers=list(layers), mem_norm=mem_norm)
+                            segment_len=16, n_persistent=2, vocab_size=259, layers=list(layers), mem_norm=mem_norm,
+                            **(model or {}))
     cfg.data.seq_len, cfg.data.batch_size = SEQ, GLOBAL_BATCH // dp
     # A large rate and a tight clip: the steps move the weights and clipping is active.
     cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.grad_clip = 1e-2, 1, 0.5
@@ -285,9 +287,9 @@ def dp_rows(rt, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
 
 
 def reference(layers: tuple[str, ...] = ALL_MIXERS, packed: bool = False,
-              mem_norm: bool = False) -> tuple[list[float], dict]:
+              mem_norm: bool = False, model: dict | None = None) -> tuple[list[float], dict]:
     """One process, the single-device trainer's pieces: losses per step, grads of step 1."""
-    cfg = make_cfg(layers=layers, mem_norm=mem_norm)
+    cfg = make_cfg(layers=layers, mem_norm=mem_norm, model=model)
     torch.manual_seed(cfg.train.seed)
     model = TitansLM(cfg.model)
     opt = build_optimizer(model, cfg.optim)

@@ -92,7 +92,7 @@ class MALState:
 
 
 class MAG(nn.Module):
-    """mag: o = norm(SWA(x)) * sigmoid(norm(M(x)))  (paper Eqs. 26-28)."""
+    """mag: o = norm(SWA(x)) * sigmoid(norm(M(x)))  (paper Eqs. 26-28); + M(x) with model.mem_residual."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -110,7 +110,7 @@ class MAG(nn.Module):
 
 class MAL(nn.Module):
     """mal: the memory as a layer, then sliding-window attention on its output (Eqs. 29-31);
-    with model.mem_attn_norm that output is RMS-normed first."""
+    with model.mem_attn_norm that output is RMS-normed first; model.mem_residual adds M(x) to the output."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -140,7 +140,9 @@ class MAC(nn.Module):
     """mac: memory as context (paper Eqs. 21-25). Per segment s:
     h = f_{W before s}(q(x_s)); y = Attn([persistent || h || x_s]);
     the memory is updated with y chunk by chunk and read back: o = y * sigmoid(M(y))
-    (model.mac_output; with model.mem_attn_norm, h and the y the memory reads are RMS-normed)."""
+    (model.mac_output; with model.mem_attn_norm, h and the y the memory reads are RMS-normed).
+    Options that depart from the paper (docs/design.md section 4): model.mac_memory_input="input"
+    stores x_s instead of y; model.mem_residual adds h's read to o."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
