@@ -7,7 +7,8 @@ by memory heads, gathered back whole), and TP=2+SP with the recall recipes' opti
 (mem_residual, MAC storing its inputs, MAC's additive output). Each must reproduce the
 single-process losses (1e-5 relative per step) and step-1 gradients (gathered back to TitansLM
 names). The same ranks then count the collectives the memory update issues under TP (none), and
-save a sharded checkpoint under TP=2 that is resumed under PP=2 and DP=2 with the same next loss (and, with mem_norm, under DP=2).
+save a sharded checkpoint under TP=2 that is resumed under PP=2 and DP=2 with the same next loss
+(and, with mem_norm, under DP=2).
 """
 
 from __future__ import annotations
