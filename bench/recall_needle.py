@@ -42,8 +42,6 @@ from titans_scale.model.memory import NeuralMemory  # noqa: E402
 from titans_scale.model.titans import TitansLM  # noqa: E402
 
 EVAL_SEED = 1_000_003          # held-out samples: a seed no training batch uses
-DIGITS = 2
-CHANCE = 1 / 90
 
 
 @sectioned
@@ -59,9 +57,32 @@ def model_config(layers: list[str], overrides: list[str]) -> ModelConfig:
     return load_config(_ModelOnly, None, base + list(overrides)).model
 
 
-def batch(step: int, size: int, seq: int, seed: int, depth: float):
+def chance(digits: int) -> float:
+    return 1 / (9 * 10 ** (digits - 1))           # pass keys 10^(d-1) .. 10^d - 1, uniform
+
+
+# --task token: the needle as bare tokens, closer to a plain associative-recall test. A random
+# byte haystack (bytes 16..255), the pair [MARK, value] at the needle's depth, and [MARK] again as
+# the last input, whose target is the value: one of VALUES tokens (bytes 0..7, chance 1/8).
+MARK, VALUES, HAY_LO = 8, 8, 16
+
+
+def token_batch(step: int, size: int, seq: int, seed: int, depth: float):
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    toks = torch.randint(HAY_LO, 256, (size, seq + 1), generator=g)
+    value = torch.randint(0, VALUES, (size,), generator=g)
+    at = int(round(depth * (seq - 3)))
+    toks[:, at], toks[:, at + 1], toks[:, seq - 1], toks[:, seq] = MARK, value, MARK, value
+    mask = torch.zeros(size, seq, dtype=torch.bool)
+    mask[:, seq - 1] = True
+    return toks[:, :-1], toks[:, 1:], mask
+
+
+def batch(step: int, size: int, seq: int, seed: int, depth: float, digits: int, task: str = "passkey"):
+    if task == "token":
+        return token_batch(step, size, seq, seed, depth)
     return recall_batch(ByteTokenizer(), size, seq, seed, step=step, task="needle", needle="passkey",
-                        digits=DIGITS, depth=depth)
+                        digits=digits, depth=depth)
 
 
 def recall(model, data, bs: int = 16) -> dict:
@@ -120,14 +141,16 @@ def run(a) -> dict:
     else:
         model = TitansLM(cfg)
         regate(model, a.theta_bias, a.eta_bias, a.w0_last)
-    held = batch(0, a.eval_samples, a.seq, EVAL_SEED, a.depth)
+    held = batch(0, a.eval_samples, a.seq, EVAL_SEED, a.depth, a.digits, a.task)
     out = {"layers": "titans-pytorch MAC" if a.reference else cfg.layers, "overrides": a.set,
            "theta_bias": a.theta_bias, "eta_bias": a.eta_bias,
            "w0_last": a.w0_last, "seed": a.seed, "seq": a.seq, "depth": a.depth,
-           "mem_depth": cfg.mem_depth, "max_lr": cfg.max_lr, "mem_norm": cfg.mem_norm, "chance": CHANCE,
+           "mem_depth": cfg.mem_depth, "max_lr": cfg.max_lr, "mem_norm": cfg.mem_norm,
+           "task": a.task,
+           "chance": 1 / VALUES if a.task == "token" else chance(a.digits), "digits": a.digits,
            "machine": machine(), "curve": []}
-    out["probe_signal"] = needle_signal(model, a.seq, range(EVAL_SEED + 7, EVAL_SEED + 11), digits=DIGITS,
-                                        depth=a.depth)
+    out["probe_signal"] = float("nan") if a.task == "token" else needle_signal(
+        model, a.seq, range(EVAL_SEED + 7, EVAL_SEED + 11), digits=a.digits, depth=a.depth)
     first = recall(model, held)
     out["init_mem_norm"] = first["mem_norm_max"]
     if a.probe:
@@ -136,7 +159,7 @@ def run(a) -> dict:
     nonfinite, t0, step_time = 0, time.perf_counter(), []
     out["curve"].append({"step": 0, **first, "wall_s": 0.0})
     for step in range(1, a.steps + 1):
-        x, y, m = batch(step, a.batch, a.seq, a.seed, a.depth)
+        x, y, m = batch(step, a.batch, a.seq, a.seed, a.depth, a.digits, a.task)
         ts = time.perf_counter()
         logits, _ = model(x)
         loss = F.cross_entropy(logits[m], y[m])
@@ -173,6 +196,9 @@ def main():
     ap.add_argument("--eval-samples", type=int, default=64)
     ap.add_argument("--seq", type=int, default=640)
     ap.add_argument("--depth", type=float, default=0.0, help="needle depth in the haystack (0 = ~500 back)")
+    ap.add_argument("--task", choices=["passkey", "token"], default="passkey",
+                    help="passkey: the text needle; token: [MARK, value] in random bytes, chance 1/8")
+    ap.add_argument("--digits", type=int, default=2, help="pass-key digits (1: 9 values, chance 11%%)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=1)

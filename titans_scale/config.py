@@ -106,6 +106,10 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = True
     resume_fallback: bool = True      # a damaged newest checkpoint: resume from the newest verified one
+    # A run folder (or one checkpoint folder) whose model weights start this run, e.g. to go on
+    # training on longer rows; the step, optimizer and data start fresh. A run that has checkpoints
+    # of its own resumes from those instead. "" = a random init.
+    init_from: str = ""
 
     def validate(self) -> None:
         _need(self.steps >= 1, "train.steps", "must be >= 1")

@@ -26,13 +26,14 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from titans_scale.config import RunConfig
 from titans_scale.config_io import save_config
-from titans_scale.errors import CheckpointError, TitansError
+from titans_scale.errors import CheckpointError, ConfigError, TitansError
 from titans_scale.flops import model_flops_per_token
 from titans_scale.io.commit import checkpoint_dir, resume_checkpoint
 from titans_scale.parallel.layout import Layout
 from titans_scale.train.data import RunData, prepare_data
 from titans_scale.train.engine import Engine, LocalEngine
 from titans_scale.train.hardware import configure_host, peak_flops, peak_memory_gb
+from titans_scale.train.init_from import init_weights
 from titans_scale.train.metrics import MetricsLogger
 from titans_scale.train.optim import lr_lambda
 
@@ -89,6 +90,8 @@ class Trainer:
         self.step, self.bad_in_row = 0, 0
         if resume:
             self._resume()
+        if t.init_from and self.step == 0:
+            self._init_from(t.init_from)
         if self.engine.is_writer:
             try:
                 save_config(cfg, self.run_dir / "config.toml")      # makes the run folder
@@ -141,6 +144,13 @@ class Trainer:
         self.data.load_state_dict(st["data"])
         if self.engine.is_writer:
             log.info("resumed from %s at step %d", folder, self.step)
+
+    def _init_from(self, source: str) -> None:
+        if self.engine.world_size > 1:
+            raise ConfigError(f"train.init_from='{source}' starts one-process runs only (not yet under torchrun): "
+                              "run without torchrun, or leave train.init_from empty")
+        differ = init_weights(self.engine.model, source)
+        log.info("weights from %s%s", source, f" (model fields that differ: {', '.join(differ)})" if differ else "")
 
     # -- the loop ---------------------------------------------------------------------------
     def lr(self) -> float:
