@@ -2,6 +2,7 @@
 
 import dataclasses
 import tomllib
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -9,6 +10,7 @@ import pytest
 
 from titans_scale.config_io import (check_choices, config_from_dict, config_to_dict, dump_toml, load_config,
                                     save_config, sectioned)
+from titans_scale.config import load_run_config
 from titans_scale.errors import ConfigError, TitansError
 
 
@@ -268,3 +270,11 @@ def test_empty_or_sectionless_config_file_is_refused(tmp_path):
             load_config(Sectioned, write(tmp_path, text))
     assert load_config(Sectioned, write(tmp_path, "[model]\n")) == Sectioned()     # defaults on purpose
     assert load_config(Required, write(tmp_path, "path = 'x'\n")).path == "x"      # a flat config is not sectioned
+
+
+SHIPPED = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.toml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.as_posix().split("/configs/")[-1])
+def test_every_shipped_config_loads_and_validates(path):
+    load_run_config(str(path)).validate()
