@@ -6,21 +6,19 @@ Only the model's weights are taken; the step, optimizer, scheduler and data star
 from __future__ import annotations
 
 import dataclasses
-import logging
 
 import torch
 
 from titans_scale.convert import open_checkpoint
 from titans_scale.errors import CheckpointError, ConvertError
 
-log = logging.getLogger("titans_scale")
 MODEL = "model."
 
 
 def init_weights(model: torch.nn.Module, source: str) -> list[str]:
     """Copy the source's model weights into `model` in place. The two must hold the same weights
-    with the same shapes (else one line names the first that differs); model fields that differ without
-    changing a shape (options such as model.mem_residual) are allowed and returned."""
+    with the same shapes (else one line names the first that differs); model fields that differ
+    without changing a shape (max_lr, options such as model.mem_residual) are allowed and returned."""
     try:
         reader = open_checkpoint(source)
         saved = {t.name[len(MODEL):]: t for t in reader.tensors() if t.name.startswith(MODEL)}
