@@ -2,15 +2,15 @@
 
 import dataclasses
 import tomllib
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Optional
 
 import pytest
 
+from titans_scale.config import load_run_config
 from titans_scale.config_io import (check_choices, config_from_dict, config_to_dict, dump_toml, load_config,
                                     save_config, sectioned)
-from titans_scale.config import load_run_config
 from titans_scale.errors import ConfigError, TitansError
 
 

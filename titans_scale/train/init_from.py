@@ -11,11 +11,12 @@ import torch
 
 from titans_scale.convert import open_checkpoint
 from titans_scale.errors import CheckpointError, ConvertError
+from titans_scale.model import TitansLM
 
 MODEL = "model."
 
 
-def init_weights(model: torch.nn.Module, source: str) -> list[str]:
+def init_weights(model: TitansLM, source: str) -> list[str]:
     """Copy the source's model weights into `model` in place. The two must hold the same weights
     with the same shapes (else one line names the first that differs); model fields that differ
     without changing a shape (max_lr, options such as model.mem_residual) are allowed and returned."""
@@ -29,9 +30,7 @@ def init_weights(model: torch.nn.Module, source: str) -> list[str]:
     missing = sorted(set(own) - set(saved))
     unused = sorted(k for k in set(saved) - set(own) if not k.endswith("_extra_state"))
     wrong = [k for k in own if k in saved and tuple(saved[k].shape) != tuple(own[k].shape)]
-    cfg = getattr(model, "cfg", None)
-    differ = [f.name for f in dataclasses.fields(saved_cfg)
-              if cfg is not None and getattr(saved_cfg, f.name) != getattr(cfg, f.name, None)]
+    differ = [f.name for f in dataclasses.fields(saved_cfg) if getattr(saved_cfg, f.name) != getattr(model.cfg, f.name)]
     if missing or unused or wrong:
         what = (f"has no weight '{missing[0]}'" if missing else
                 f"holds '{unused[0]}', which this model has not" if unused else

@@ -146,7 +146,7 @@ class Trainer:
             log.info("resumed from %s at step %d", folder, self.step)
 
     def _init_from(self, source: str) -> None:
-        if self.engine.world_size > 1:
+        if not isinstance(self.engine, LocalEngine):     # the parallel runtimes shard the model
             raise ConfigError(f"train.init_from='{source}' starts one-process runs only (not yet under torchrun): "
                               "run without torchrun, or leave train.init_from empty")
         differ = init_weights(self.engine.model, source)
