@@ -36,7 +36,10 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from pathlib import Path
+
+T0 = time.perf_counter()     # the report says when each section started: imports and exit are not free
 
 CPU_MODE = "--cpu" in sys.argv
 if CPU_MODE:
@@ -151,26 +154,29 @@ def memory_op() -> dict:
 
     dev = _device()
     if CPU_MODE:     # the interpreter runs each tl.dot through numpy: one tiny case
-        cases = [(depth, 16, 8, torch.float32, 20, "fused") for depth in (1, 2)]
-        cases += [(2, 16, 8, torch.float32, 12, "triton")] if INTERPRETED else []
+        cases = [(depth, 16, 8, torch.float32, 20, "fused", norm) for depth in (1, 2) for norm in (True, False)]
+        cases += [(2, 16, 8, torch.float32, 12, "triton", True)] if INTERPRETED else []
     else:
-        cases = [(depth, d, C, dt, L, impl) for impl in ("triton", "fused") for depth in (1, 2)
-                 for d, C in ((16, 16), (32, 64), (64, 64), (128, 32)) for dt in (torch.float32, torch.bfloat16)
-                 for L in (5 * C // 2,)]
+        # the normalised memory (model.mem_norm, the default) in every shape and dtype; the plain f = k + g(k)
+        # at depth 2 in fp32
+        shapes = ((16, 16), (32, 64), (64, 64), (128, 32))
+        cases = [(depth, d, C, dt, 5 * C // 2, impl, True) for impl in ("triton", "fused") for depth in (1, 2)
+                 for d, C in shapes for dt in (torch.float32, torch.bfloat16)]
+        cases += [(2, d, C, torch.float32, 5 * C // 2, impl, False) for impl in ("triton", "fused") for d, C in shapes]
     rows = []
-    for depth, d, C, dt, L, impl in cases:
+    for depth, d, C, dt, L, impl, norm in cases:
         try:
-            rows.append(_compare_scan(memory_scan, dev, depth, d, C, dt, L, impl))
+            rows.append(_compare_scan(memory_scan, dev, depth, d, C, dt, L, impl, norm))
         except Exception as e:      # one shape the kernels refuse must not hide the others
-            rows.append({"impl": impl, "depth": depth, "d": d, "C": C, "L": L, "dtype": str(dt), "pass": False,
-                         "error": f"{type(e).__name__}: {e}"})
+            rows.append({"impl": impl, "depth": depth, "d": d, "C": C, "L": L, "dtype": str(dt), "norm": norm,
+                         "pass": False, "error": f"{type(e).__name__}: {e}"})
     out = {"pass": all(r["pass"] for r in rows), "cases": rows}
     if CPU_MODE and not INTERPRETED:
         out["triton_skipped"] = "TRITON_INTERPRET=1 was not in effect when triton was imported"
     return out
 
 
-def _compare_scan(memory_scan, dev, depth, d, C, dt, L, impl) -> dict:
+def _compare_scan(memory_scan, dev, depth, d, C, dt, L, impl, norm) -> dict:
     g = torch.Generator().manual_seed(depth * 1000 + d + C)
     B, H, E = 1, 2, 2
     q, k = (torch.nn.functional.normalize(torch.randn(B, H, L, d, generator=g), dim=-1) for _ in range(2))
@@ -179,22 +185,24 @@ def _compare_scan(memory_scan, dev, depth, d, C, dt, L, impl) -> dict:
     dims = [d] + [E * d] * (depth - 1) + [d]
     init = [torch.randn(B, H, dims[i], dims[i + 1], generator=g) * (0.5 / dims[i] ** 0.5) for i in range(depth)]
     probe = torch.randn(B, H, L, d, generator=g)
+    ln = [1 + 0.1 * torch.randn(H, d, generator=g), 0.1 * torch.randn(H, d, generator=g)] if norm else []
 
     def run(impl_, dtype, device):
         acts = [x.to(device, dtype).requires_grad_(True) for x in (q, k, v, *gates)]
-        ws = [w.to(device, torch.float64 if dtype == torch.float64 else torch.float32).requires_grad_(True)
-              for w in init]
-        y, state = memory_scan(*acts, ws, chunk_size=C, impl=impl_)
+        wdt = torch.float64 if dtype == torch.float64 else torch.float32
+        ws = [w.to(device, wdt).requires_grad_(True) for w in init + ln]
+        ws, lns = ws[:depth], ws[depth:]
+        y, state = memory_scan(*acts, ws, chunk_size=C, impl=impl_, **dict(zip(("ln_weight", "ln_bias"), lns)))
         loss = (y.double() * probe.to(device).double()).sum() + sum(w.double().sum() for w in state.weights)
         loss.backward()
-        return y, state.weights, [a.grad for a in acts] + [w.grad for w in ws]
+        return y, state.weights, [a.grad for a in acts] + [w.grad for w in ws + lns]
 
     want_y, want_w, want_g = run("naive", torch.float64, "cpu")
     got_y, got_w, got_g = run(impl, dt, dev)
     errs = {"output": _rel(got_y, want_y), "state": max(_rel(a, b) for a, b in zip(got_w, want_w)),
             "grads": max(_rel(a, b) for a, b in zip(got_g, want_g))}
     tol = OP_TOL[dt]
-    return {"impl": impl, "depth": depth, "d": d, "C": C, "L": L, "dtype": str(dt).removeprefix("torch."),
+    return {"impl": impl, "depth": depth, "d": d, "C": C, "L": L, "dtype": str(dt).removeprefix("torch."), "norm": norm,
             **errs, "tol": tol, "pass": max(errs.values()) <= tol}
 
 
@@ -310,7 +318,7 @@ def throughput() -> dict:
                     torch.cuda.empty_cache()
             rows.append(row)
     print(table(rows, [("what", "what", ""), ("tokens", "tokens", "{:,}"), ("tokens_per_s", "tokens/s", "{:,.0f}"),
-                       ("mfu", "MFU", "{:.1%}"), ("error", "error", "")]))
+                       ("mfu", "MFU", "{:.2%}"), ("error", "error", "")]))
     measured = [r for r in rows if "tokens_per_s" in r]
     return {"pass": bool(measured), "peak_flops": peak, "peak_is": what,
             "autocast": "bf16" if dtype else "fp32", "rows": rows}
@@ -329,11 +337,16 @@ SECTIONS = {"environment": environment, "memory_op": memory_op, "training": trai
 
 def run_section(fn) -> dict:
     t = time.perf_counter()
-    try:
-        out = fn()
-    except Exception as e:      # one section's failure must not lose the others' results
-        out = {"pass": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
-    out["seconds"] = round(time.perf_counter() - t, 2)
+    with warnings.catch_warnings(record=True) as caught:    # e.g. impl='auto' running without its kernels
+        warnings.simplefilter("always")
+        try:
+            out = fn()
+        except Exception as e:      # one section's failure must not lose the others' results
+            out = {"pass": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+    seen = list(dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught))
+    if seen:
+        out["warnings"] = seen[:10]
+    out["started_s"], out["seconds"] = round(t - T0, 2), round(time.perf_counter() - t, 2)
     return out
 
 
@@ -344,16 +357,20 @@ def main() -> int:
     ap.add_argument("--out", help="the JSON report (default bench/results/gpu_acceptance[_cpu].json)")
     a = ap.parse_args()
     report = {"mode": "cpu" if a.cpu else "gpu", "date": time.strftime("%Y-%m-%d %H:%M"), "sections": {}}
-    for name in a.sections.split(","):
+    out = Path(a.out) if a.out else RESULTS / f"gpu_acceptance{'_cpu' if a.cpu else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    names = a.sections.split(",")
+    for name in names:
         if name not in SECTIONS:
             ap.error(f"--sections: unknown {name!r}; choose from {', '.join(SECTIONS)}")
+    for name in names:
         r = report["sections"][name] = run_section(SECTIONS[name])
+        out.write_text(json.dumps(report, indent=1, default=str))     # a run cut short keeps what it measured
         verdict = f"skipped ({r['skipped']})" if "skipped" in r else ("pass" if r.get("pass") else "FAIL")
         print(f"{name:12s} {verdict}  [{r['seconds']:.1f} s]" + (f"  {r['error']}" if "error" in r else ""),
               flush=True)
     report["pass"] = all(r.get("pass") or "skipped" in r for r in report["sections"].values())
-    out = Path(a.out) if a.out else RESULTS / f"gpu_acceptance{'_cpu' if a.cpu else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    report["wall_s"] = round(time.perf_counter() - T0, 2)
     out.write_text(json.dumps(report, indent=1, default=str))
     print(f"{'PASS' if report['pass'] else 'FAIL'}: {out}")
     return 0 if report["pass"] else 1

@@ -61,15 +61,25 @@ def test_a_failing_section_is_recorded_and_the_others_still_run(tmp_path, monkey
     def boom():
         raise KeyError("no such kernel")
 
-    monkeypatch.setattr(mod, "SECTIONS", {"first": lambda: {"pass": True, "x": 1}, "boom": boom,
-                                          "absent": lambda: {"skipped": "needs a GPU"}, "last": lambda: {"pass": True}})
     out = tmp_path / "r.json"
+
+    def warns():
+        import warnings
+        warnings.warn("memory_scan(impl='auto') on CUDA runs the PyTorch path", stacklevel=1)
+        # a run killed at its time limit keeps the sections before: the report is written after each
+        return {"pass": True, "on_disk": list(json.loads(out.read_text())["sections"])}
+
+    monkeypatch.setattr(mod, "SECTIONS", {"first": lambda: {"pass": True, "x": 1}, "boom": boom,
+                                          "absent": lambda: {"skipped": "needs a GPU"}, "last": warns})
     monkeypatch.setattr(sys, "argv", ["gpu_acceptance.py", "--out", str(out)])
     assert mod.main() == 1
     report = json.loads(out.read_text())
     s = report["sections"]
     assert list(s) == ["first", "boom", "absent", "last"] and report["pass"] is False
     assert s["first"]["pass"] and s["first"]["x"] == 1 and s["last"]["pass"]
-    assert s["absent"] == {"skipped": "needs a GPU", "seconds": s["absent"]["seconds"]}
+    assert set(s["absent"]) == {"skipped", "seconds", "started_s"} and s["absent"]["skipped"] == "needs a GPU"
+    assert s["last"]["on_disk"] == ["first", "boom", "absent"]
+    assert s["last"]["warnings"] == ["UserWarning: memory_scan(impl='auto') on CUDA runs the PyTorch path"]
+    assert report["wall_s"] >= s["last"]["started_s"] >= s["first"]["started_s"] >= 0
     assert s["boom"]["pass"] is False and s["boom"]["error"] == "KeyError: 'no such kernel'"
     assert "Traceback" in s["boom"]["traceback"] and "raise KeyError" in s["boom"]["traceback"]

@@ -336,3 +336,14 @@ def test_clear_error_without_cuda_interpreter_or_triton(setup, expect):
     assert out.returncode == 0, out.stderr[-2000:]
     line = out.stdout.strip()
     assert line.startswith("ERR") and expect in line and "\n" not in line, line
+
+
+def test_a_missing_kernels_package_is_an_error_not_a_fallback():
+    """Without triton, impl='auto' quietly runs the PyTorch path; without our own kernels package
+    (a broken install) it must raise, or a GPU run silently loses its kernels."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    setup = "sys.modules['titans_scale.kernels'] = None"
+    out = subprocess.run([sys.executable, "-c", _NO_TRITON_SCRIPT.format(setup=setup)], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "ModuleNotFoundError" in out.stderr and "titans_scale.kernels" in out.stderr, (
+        out.stdout, out.stderr[-2000:])

@@ -27,6 +27,7 @@ No state comes back (None): a packed call ends in several documents, none to con
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -69,7 +70,9 @@ def _load_triton() -> str | None:
         return None
     try:
         from .triton_scan import triton_scan, unsupported
-    except ImportError as e:
+    except ModuleNotFoundError as e:
+        if (e.name or "").partition(".")[0] != "triton":
+            raise       # our own module missing (titans_scale.kernels): a packaging bug, never a quiet fallback
         return f"impl='triton' is unavailable: {e}; install triton or use impl='chunked'"
     register_impl("triton", triton_scan, native_dtype=True, unsupported=unsupported, norm=True)
     return None
@@ -87,8 +90,12 @@ def _resolve(impl: str, q: torch.Tensor, state: MemoryState, norm=None) -> str:
     if impl not in IMPLS:
         raise MemoryArgumentError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        if q.is_cuda and _load_triton() is None and _why_not("triton", q, state, norm) is None:
-            return "triton"
+        if q.is_cuda:
+            missing = _load_triton()
+            if missing is None and _why_not("triton", q, state, norm) is None:
+                return "triton"
+            if missing is not None:     # a GPU without its kernels is many times slower: say so once
+                warnings.warn(f"memory_scan(impl='auto') on CUDA runs the PyTorch path: {missing}", stacklevel=3)
         return "fused" if _why_not("fused", q, state, norm) is None else "chunked"
     reason = _load_triton() if impl == "triton" else None
     reason = reason or _why_not(impl, q, state, norm)
