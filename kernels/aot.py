@@ -94,11 +94,25 @@ def _failed(fn, arch, e: Exception) -> CompilationFailed:
                              f"{lines[-1] if lines else ''}")
 
 
+def _allocation_passes(pm, arch: int, ptx_version: int) -> None:
+    """The head of the NVIDIA backend's make_llir, up to shared-memory allocation. Triton's passes
+    are private, so their signatures move between releases."""
+    from triton._C.libtriton import nvidia, passes
+    passes.ttgpuir.add_combine_tensor_select_and_if(pm)
+    try:
+        passes.ttgpuir.add_allocate_warp_groups(pm, False)      # Triton >= 3.7: (pm, consan)
+    except TypeError:
+        passes.ttgpuir.add_allocate_warp_groups(pm)             # Triton 3.6 (torch 2.11's)
+    passes.convert.add_scf_to_cf(pm)
+    passes.gluon.add_inliner(pm)
+    nvidia.passes.ttgpuir.add_allocate_shared_memory_nv(pm, arch, ptx_version)
+
+
 @functools.lru_cache(maxsize=None)
 def _shared(fn, arch: int, constexprs: tuple, dtypes: tuple, num_warps: int, num_stages: int) -> int:
     """Triton's own pipeline up to its shared-memory allocation pass (the number the cubin
     is built with), skipping LLVM and ptxas: about 1 s instead of 10-80."""
-    from triton._C.libtriton import ir, nvidia, passes
+    from triton._C.libtriton import ir
     from triton.backends.nvidia.compiler import get_ptx_version_from_options
     src, target, backend = _source(fn, arch, constexprs, dtypes, num_warps, num_stages)
     options = backend.parse_options(dict(num_warps=num_warps, num_stages=num_stages))
@@ -114,14 +128,14 @@ def _shared(fn, arch: int, constexprs: tuple, dtypes: tuple, num_warps: int, num
         mod = stages["ttgir"](stages["ttir"](mod, metadata), metadata)
     except Exception as e:
         raise _failed(fn, arch, e) from e
-    pm = ir.pass_manager(mod.context)   # the head of the backend's make_llir, up to the allocation
-    passes.ttgpuir.add_combine_tensor_select_and_if(pm)
-    passes.ttgpuir.add_allocate_warp_groups(pm, False)
-    passes.convert.add_scf_to_cf(pm)
-    passes.gluon.add_inliner(pm)
-    nvidia.passes.ttgpuir.add_allocate_shared_memory_nv(pm, arch, get_ptx_version_from_options(options, arch))
-    pm.run(mod, "titans_scale.aot.shared")
-    return mod.get_int_attr("ttg.shared")
+    try:
+        pm = ir.pass_manager(mod.context)
+        _allocation_passes(pm, arch, get_ptx_version_from_options(options, arch))
+        pm.run(mod, "titans_scale.aot.shared")
+        return mod.get_int_attr("ttg.shared")
+    except (TypeError, AttributeError, RuntimeError):
+        # another Triton moved its passes: the full compile (slower, cached) reports the same number
+        return _compile(fn, arch, constexprs, dtypes, num_warps, num_stages).shared
 
 
 @functools.lru_cache(maxsize=None)

@@ -123,3 +123,27 @@ print("ok")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_shared_memory_survives_a_triton_whose_passes_moved():
+    """The fast shared-memory count replays Triton's private passes, whose signatures change
+    between releases (3.6, torch 2.11's, takes add_allocate_warp_groups(pm); 3.9 (pm, bool)).
+    Where they do not match, the full compile gives the count: the same number, never a crash."""
+    script = """
+from titans_scale.kernels import aot, plan
+shape = plan.Shape(2, 16, 16, 32, 16, "fp32")
+tiles = plan.candidates(shape, "fwd")[0]
+args = (plan.kernel(shape, "fwd"), 90, plan.constexprs(shape, "fwd", tiles), plan.pointer_dtypes(shape),
+        tiles.num_warps, tiles.num_stages)
+fast = aot.shared_memory(*args)
+def moved(*a, **k):
+    raise TypeError("add_allocate_warp_groups(): incompatible function arguments")
+aot._allocation_passes = moved
+aot._shared.cache_clear()
+print(fast, aot.shared_memory(*args), aot.compiled(*args).shared)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=1800)
+    assert out.returncode == 0, out.stderr[-3000:]
+    fast, fallback, full = map(int, out.stdout.split()[-3:])
+    assert fast == fallback == full > 0
