@@ -108,7 +108,8 @@ class TrainConfig:
     resume_fallback: bool = True      # a damaged newest checkpoint: resume from the newest verified one
     # A run folder (or one checkpoint folder) whose model weights start this run, e.g. to go on
     # training on longer rows; the step, optimizer and data start fresh. A run that has checkpoints
-    # of its own resumes from those instead. "" = a random init.
+    # of its own resumes from those instead; under torchrun each rank loads it and keeps its shard.
+    # "" = a random init.
     init_from: str = ""
 
     def validate(self) -> None:

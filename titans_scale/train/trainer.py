@@ -26,9 +26,10 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from titans_scale.config import RunConfig
 from titans_scale.config_io import save_config
-from titans_scale.errors import CheckpointError, ConfigError, TitansError
+from titans_scale.errors import CheckpointError, TitansError
 from titans_scale.flops import model_flops_per_token
-from titans_scale.io.commit import checkpoint_dir, resume_checkpoint
+from titans_scale.model import TitansLM
+from titans_scale.io.commit import checkpoint_dir, checkpoints, resume_checkpoint
 from titans_scale.parallel.layout import Layout
 from titans_scale.train.data import RunData, prepare_data
 from titans_scale.train.engine import Engine, LocalEngine
@@ -79,8 +80,13 @@ class Trainer:
         self.cfg = cfg.validate()
         t = cfg.train
         self.allocator = configure_host(t)
-        self.engine: Engine = _engine(cfg, layout)
         self.run_dir = Path(t.run_dir)
+        # train.init_from starts a run that has no checkpoint of its own. The parallel runtimes
+        # shard the model as they build it, so they are handed the loaded one.
+        self.init_from = t.init_from if t.init_from and not (resume and checkpoints(checkpoint_dir(self.run_dir))) \
+            else None
+        model = _initial_model(cfg, self.init_from) if self.init_from and layout is not None else None
+        self.engine: Engine = _engine(cfg, layout, model)
         if self.engine.world_size > 1:      # prepare the shards once; the other ranks then only read them
             if self.engine.is_writer:
                 prepare_data(cfg)
@@ -90,8 +96,8 @@ class Trainer:
         self.step, self.bad_in_row = 0, 0
         if resume:
             self._resume()
-        if t.init_from and self.step == 0:
-            self._init_from(t.init_from)
+        if self.init_from and isinstance(self.engine, LocalEngine):
+            _log_init_from(self.init_from, init_weights(self.engine.model, self.init_from))
         if self.engine.is_writer:
             try:
                 save_config(cfg, self.run_dir / "config.toml")      # makes the run folder
@@ -144,13 +150,6 @@ class Trainer:
         self.data.load_state_dict(st["data"])
         if self.engine.is_writer:
             log.info("resumed from %s at step %d", folder, self.step)
-
-    def _init_from(self, source: str) -> None:
-        if not isinstance(self.engine, LocalEngine):     # the parallel runtimes shard the model
-            raise ConfigError(f"train.init_from='{source}' starts one-process runs only (not yet under torchrun): "
-                              "run without torchrun, or leave train.init_from empty")
-        differ = init_weights(self.engine.model, source)
-        log.info("weights from %s%s", source, f" (model fields that differ: {', '.join(differ)})" if differ else "")
 
     # -- the loop ---------------------------------------------------------------------------
     def lr(self) -> float:
@@ -257,11 +256,25 @@ def _free_bytes(folder: Path) -> int:
     return shutil.disk_usage(folder).free
 
 
-def _engine(cfg: RunConfig, layout: Layout | None) -> Engine:
+def _engine(cfg: RunConfig, layout: Layout | None, model: TitansLM | None = None) -> Engine:
     if layout is None:
         return LocalEngine(cfg)
     from titans_scale.parallel.runtime import ParallelRuntime    # megatron: only for a layout
-    return ParallelRuntime(cfg, layout)
+    return ParallelRuntime(cfg, layout, model)
+
+
+def _initial_model(cfg: RunConfig, source: str) -> TitansLM:
+    """The whole model with train.init_from's weights, on every rank (each then keeps its shard)."""
+    torch.manual_seed(cfg.train.seed)
+    model = TitansLM(cfg.model)
+    differ = init_weights(model, source)
+    if int(os.environ.get("RANK", "0")) == 0:
+        _log_init_from(source, differ)
+    return model
+
+
+def _log_init_from(source: str, differ: list[str]) -> None:
+    log.info("weights from %s%s", source, f" (model fields that differ: {', '.join(differ)})" if differ else "")
 
 
 def _progress(enabled: bool, start: int, total: int):
