@@ -3,15 +3,12 @@ are refused in one line; a run with checkpoints of its own resumes from those.""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
-from tests.helpers import micro_config, write_config
+from tests.helpers import losses, micro_config, torchrun_train, write_config
 from titans_scale.config import load_run_config
 from titans_scale.errors import CheckpointError
-from titans_scale.parallel.launch_utils import run_distributed
 from titans_scale.train.load import load_trained
 from titans_scale.train.trainer import Trainer
 
@@ -69,25 +66,13 @@ def test_a_run_with_its_own_checkpoints_resumes_from_them(source):
         torch.testing.assert_close(got[k], v, rtol=0, atol=0, msg=k)
 
 
-def _parallel_rank(path: str) -> None:
-    from titans_scale.parallel.layout import plan_layout
-    cfg = load_run_config(path)
-    Trainer(cfg, layout=plan_layout(cfg, 2)).run()
-
-
-def _first_loss(run) -> float:
-    rows = (json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines())
-    return next(r["loss"] for r in rows if r["kind"] == "train")
-
-
 def test_a_tensor_parallel_run_starts_from_the_source_weights(source):
     """Under torchrun the runtime shards the loaded model: a TP=2 run's first loss (on the weights
     it starts from) equals the one-process init_from run's, and differs from a fresh start's."""
     one_step = {"steps": 1, "ckpt_every": 100, "eval_every": 100, "init_from": str(source / "src")}
     Trainer(_cfg(source, "tp_local", train=one_step)).run()
     Trainer(_cfg(source, "tp_fresh", train={**one_step, "init_from": None})).run()
-    run_distributed(_parallel_rank, 2, _toml(source, "tp2", train=one_step, parallel={"tp": 2}), backend=None,
-                    timeout_s=400)
-    local, fresh, tp2 = (_first_loss(source / n) for n in ("tp_local", "tp_fresh", "tp2"))
+    torchrun_train(_toml(source, "tp2", train=one_step, parallel={"tp": 2}), nproc=2)
+    local, fresh, tp2 = (losses(source / n)[1] for n in ("tp_local", "tp_fresh", "tp2"))
     assert abs(tp2 - local) <= 1e-5 * local, (tp2, local)
     assert abs(fresh - local) > 1e-3 * local, (fresh, local)

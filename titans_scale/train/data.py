@@ -81,12 +81,6 @@ class RunData:
                               f"vocabulary ({self.tokenizer.vocab_size}); set model.vocab_size >= "
                               f"{self.tokenizer.vocab_size}")
         self.recall = RecallMix.of(cfg)
-        par = cfg.parallel
-        ignores = (self.recall.rows and self.recall.loss == "answers") or self.recall.corpus_loss < 1.0
-        if ignores and (world_size > 1 or par.tp * par.pp * par.cp > 1):
-            raise ConfigError("data.recall_loss='answers' / data.corpus_loss_fraction < 1 need the single-process "
-                              "trainer (the parallel runtime's vocab-parallel loss does not skip ignored targets); "
-                              "use 'lm' and 1.0")
         if rank == 0:
             prepare_data(cfg, self.tokenizer)
         if world_size > 1:
