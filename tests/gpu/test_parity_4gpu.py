@@ -17,6 +17,8 @@ LAYOUTS = {
     "tp2_dp2_zero2": dict(tp=2, dp=2, engine="deepspeed", zero=2),
     "tp2_dp2_zero3": dict(tp=2, dp=2, engine="deepspeed", zero=3),
     "pp2_dp2_zero1": dict(pp=2, dp=2, micro=2, engine="deepspeed", zero=1),
+    "pp2_dp2": dict(pp=2, dp=2, micro=2),
+    "cp2_pp2": dict(cp=2, pp=2, micro=2, cp_strategy="auto"),
 }
 
 

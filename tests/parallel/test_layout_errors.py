@@ -40,7 +40,6 @@ REFUSED = [
     (dict(engine="deepspeed", pp=2, vpp=2, microbatches=2, zero_stage=1), 2, ["vpp", "engine='megatron'"]),
     (dict(vpp=2), 2, ["parallel.vpp=2", "parallel.pp >= 2"]),
     (dict(microbatches=3), 2, ["data.batch_size=4", "parallel.microbatches=3"]),
-    (dict(cp=2, pp=2), 4, ["parallel.cp=2", "parallel.pp=2", "set parallel.pp=1"]),
     (dict(cp=2, engine="deepspeed"), 2, ["parallel.cp=2", "engine='megatron'"]),
     (dict(cp=4, cp_strategy="a2a"), 4, ["parallel.cp=4", "cp_strategy='a2a'", "mixer 'mag'", "use 'ring'"]),
     (dict(cp=16), 16, ["parallel.cp=16", "sequence length 64", "smaller context-parallel size"]),

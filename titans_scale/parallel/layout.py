@@ -87,9 +87,6 @@ def plan_layout(cfg: RunConfig, world_size: int) -> Layout:
     if not isinstance(world_size, int) or world_size < 1:
         bad(f"world size {world_size!r}: must be a positive integer (torchrun's WORLD_SIZE)")
     if p.cp > 1:
-        if p.pp > 1:
-            bad(f"parallel.cp={p.cp} with parallel.pp={p.pp}: context parallelism does not run inside "
-                "pipelines yet; set parallel.pp=1 (or parallel.cp=1)")
         if p.engine != "megatron":
             bad(f"parallel.cp={p.cp} with parallel.engine={p.engine!r}: context parallelism reduces "
                 "gradients over DP x CP with megatron's DDP; set parallel.engine='megatron'")

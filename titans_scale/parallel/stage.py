@@ -90,6 +90,11 @@ class TitansStage(TitansLM):
         self.embed = self.norm = self.head = None           # pruned unless this stage holds them
         if first:
             self.embed = _embedding(full, config, vocab_padded)
+            if full.cfg.tie_embeddings and not last:
+                # As megatron marks both copies: its DDP then gives each its own bucket, so the
+                # first and last stages shard the weight alike in the DP x CP reduce-scatter, and
+                # the embedding all-reduce after it adds matching shards.
+                self.embed.weight.shared_embedding = True
         self.blocks = nn.ModuleDict({str(i): parallelize_block(full.blocks[str(i)], layer_config, config)
                                      for i in layer_ids})
         if last:
