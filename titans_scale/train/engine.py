@@ -74,14 +74,15 @@ class LocalEngine:
 
     is_writer, dp_rank, dp_size, world_size = True, 0, 1, 1
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, model: TitansLM | None = None):
+        """model: the weights to start from (train.init_from); None: a fresh init seeded by train.seed."""
         t = cfg.train
         torch.manual_seed(t.seed)
         self.grad_clip = cfg.optim.grad_clip
         self.device = resolve_device(t.device)
         # On the device before precision (its layers and FP8 buffers follow the weights) and
         # before the optimizer (its state follows the parameters).
-        self.model = TitansLM(cfg.model).to(self.device)
+        self.model = (model if model is not None else TitansLM(cfg.model)).to(self.device)
         self.precision = Precision(self.model, cfg)      # before the optimizer: TE makes new params
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, t.steps)

@@ -28,8 +28,8 @@ from titans_scale.config import RunConfig
 from titans_scale.config_io import save_config
 from titans_scale.errors import CheckpointError, TitansError
 from titans_scale.flops import model_flops_per_token
-from titans_scale.model import TitansLM
 from titans_scale.io.commit import checkpoint_dir, checkpoints, resume_checkpoint
+from titans_scale.model import TitansLM
 from titans_scale.parallel.layout import Layout
 from titans_scale.train.data import RunData, prepare_data
 from titans_scale.train.engine import Engine, LocalEngine
@@ -81,11 +81,10 @@ class Trainer:
         t = cfg.train
         self.allocator = configure_host(t)
         self.run_dir = Path(t.run_dir)
-        # train.init_from starts a run that has no checkpoint of its own. The parallel runtimes
-        # shard the model as they build it, so they are handed the loaded one.
-        self.init_from = t.init_from if t.init_from and not (resume and checkpoints(checkpoint_dir(self.run_dir))) \
-            else None
-        model = _initial_model(cfg, self.init_from) if self.init_from and layout is not None else None
+        # train.init_from starts a run that has no checkpoint of its own; the engine is handed the
+        # loaded model (the parallel runtimes shard it as they build their stages).
+        starts_fresh = not (resume and checkpoints(checkpoint_dir(self.run_dir)))
+        model = _initial_model(cfg, t.init_from) if t.init_from and starts_fresh else None
         self.engine: Engine = _engine(cfg, layout, model)
         if self.engine.world_size > 1:      # prepare the shards once; the other ranks then only read them
             if self.engine.is_writer:
@@ -96,8 +95,6 @@ class Trainer:
         self.step, self.bad_in_row = 0, 0
         if resume:
             self._resume()
-        if self.init_from and isinstance(self.engine, LocalEngine):
-            _log_init_from(self.init_from, init_weights(self.engine.model, self.init_from))
         if self.engine.is_writer:
             try:
                 save_config(cfg, self.run_dir / "config.toml")      # makes the run folder
@@ -258,7 +255,7 @@ def _free_bytes(folder: Path) -> int:
 
 def _engine(cfg: RunConfig, layout: Layout | None, model: TitansLM | None = None) -> Engine:
     if layout is None:
-        return LocalEngine(cfg)
+        return LocalEngine(cfg, model)
     from titans_scale.parallel.runtime import ParallelRuntime    # megatron: only for a layout
     return ParallelRuntime(cfg, layout, model)
 
@@ -269,12 +266,8 @@ def _initial_model(cfg: RunConfig, source: str) -> TitansLM:
     model = TitansLM(cfg.model)
     differ = init_weights(model, source)
     if int(os.environ.get("RANK", "0")) == 0:
-        _log_init_from(source, differ)
+        log.info("weights from %s%s", source, f" (model fields that differ: {', '.join(differ)})" if differ else "")
     return model
-
-
-def _log_init_from(source: str, differ: list[str]) -> None:
-    log.info("weights from %s%s", source, f" (model fields that differ: {', '.join(differ)})" if differ else "")
 
 
 def _progress(enabled: bool, start: int, total: int):
