@@ -6,13 +6,17 @@ Only the model's weights are taken; the step, optimizer, scheduler and data star
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
 
 import torch
 
+from titans_scale.config import RunConfig
 from titans_scale.convert import open_checkpoint
 from titans_scale.errors import CheckpointError, ConvertError
 from titans_scale.model import TitansLM
 
+log = logging.getLogger("titans_scale.train")
 MODEL = "model."
 
 
@@ -44,4 +48,15 @@ def init_weights(model: TitansLM, source: str) -> list[str]:
     return differ
 
 
-__all__ = ["init_weights"]
+def initial_model(cfg: RunConfig, source: str) -> TitansLM:
+    """The whole model with the source's weights, built on every rank (each engine then keeps what
+    it holds: the whole model, or its stage's shard)."""
+    torch.manual_seed(cfg.train.seed)
+    model = TitansLM(cfg.model)
+    differ = init_weights(model, source)
+    if int(os.environ.get("RANK", "0")) == 0:
+        log.info("weights from %s%s", source, f" (model fields that differ: {', '.join(differ)})" if differ else "")
+    return model
+
+
+__all__ = ["init_weights", "initial_model"]

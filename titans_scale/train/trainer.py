@@ -34,7 +34,7 @@ from titans_scale.parallel.layout import Layout
 from titans_scale.train.data import RunData, prepare_data
 from titans_scale.train.engine import Engine, LocalEngine
 from titans_scale.train.hardware import configure_host, peak_flops, peak_memory_gb
-from titans_scale.train.init_from import init_weights
+from titans_scale.train.init_from import initial_model
 from titans_scale.train.metrics import MetricsLogger
 from titans_scale.train.optim import lr_lambda
 
@@ -84,7 +84,7 @@ class Trainer:
         # train.init_from starts a run that has no checkpoint of its own; the engine is handed the
         # loaded model (the parallel runtimes shard it as they build their stages).
         starts_fresh = not (resume and checkpoints(checkpoint_dir(self.run_dir)))
-        model = _initial_model(cfg, t.init_from) if t.init_from and starts_fresh else None
+        model = initial_model(cfg, t.init_from) if t.init_from and starts_fresh else None
         self.engine: Engine = _engine(cfg, layout, model)
         if self.engine.world_size > 1:      # prepare the shards once; the other ranks then only read them
             if self.engine.is_writer:
@@ -258,16 +258,6 @@ def _engine(cfg: RunConfig, layout: Layout | None, model: TitansLM | None = None
         return LocalEngine(cfg, model)
     from titans_scale.parallel.runtime import ParallelRuntime    # megatron: only for a layout
     return ParallelRuntime(cfg, layout, model)
-
-
-def _initial_model(cfg: RunConfig, source: str) -> TitansLM:
-    """The whole model with train.init_from's weights, on every rank (each then keeps its shard)."""
-    torch.manual_seed(cfg.train.seed)
-    model = TitansLM(cfg.model)
-    differ = init_weights(model, source)
-    if int(os.environ.get("RANK", "0")) == 0:
-        log.info("weights from %s%s", source, f" (model fields that differ: {', '.join(differ)})" if differ else "")
-    return model
 
 
 def _progress(enabled: bool, start: int, total: int):
