@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import machine, table, write  # noqa: E402
 
 from titans_scale.config_io import load_config, sectioned  # noqa: E402
-from titans_scale.data.synthetic import recall_batch  # noqa: E402
+from titans_scale.data.synthetic import TOKEN_VALUES, recall_batch, token_needle_batch  # noqa: E402
 from titans_scale.data.tokenizer import ByteTokenizer  # noqa: E402
 from titans_scale.eval.probe import needle_signal  # noqa: E402
 from titans_scale.eval.sweep import memory_weight_norm  # noqa: E402
@@ -61,26 +61,9 @@ def chance(digits: int) -> float:
     return 1 / (9 * 10 ** (digits - 1))           # pass keys 10^(d-1) .. 10^d - 1, uniform
 
 
-# --task token: the needle as bare tokens, closer to a plain associative-recall test. A random
-# byte haystack (bytes 16..255), the pair [MARK, value] at the needle's depth, and [MARK] again as
-# the last input, whose target is the value: one of VALUES tokens (bytes 0..7, chance 1/8).
-MARK, VALUES, HAY_LO = 8, 8, 16
-
-
-def token_batch(step: int, size: int, seq: int, seed: int, depth: float):
-    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    toks = torch.randint(HAY_LO, 256, (size, seq + 1), generator=g)
-    value = torch.randint(0, VALUES, (size,), generator=g)
-    at = int(round(depth * (seq - 3)))
-    toks[:, at], toks[:, at + 1], toks[:, seq - 1], toks[:, seq] = MARK, value, MARK, value
-    mask = torch.zeros(size, seq, dtype=torch.bool)
-    mask[:, seq - 1] = True
-    return toks[:, :-1], toks[:, 1:], mask
-
-
 def batch(step: int, size: int, seq: int, seed: int, depth: float, digits: int, task: str = "passkey"):
     if task == "token":
-        return token_batch(step, size, seq, seed, depth)
+        return token_needle_batch(size, seq, seed, step=step, depth=depth)
     return recall_batch(ByteTokenizer(), size, seq, seed, step=step, task="needle", needle="passkey",
                         digits=digits, depth=depth)
 
@@ -147,7 +130,7 @@ def run(a) -> dict:
            "w0_last": a.w0_last, "seed": a.seed, "seq": a.seq, "depth": a.depth,
            "mem_depth": cfg.mem_depth, "max_lr": cfg.max_lr, "mem_norm": cfg.mem_norm,
            "task": a.task,
-           "chance": 1 / VALUES if a.task == "token" else chance(a.digits), "digits": a.digits,
+           "chance": 1 / TOKEN_VALUES if a.task == "token" else chance(a.digits), "digits": a.digits,
            "machine": machine(), "curve": []}
     out["probe_signal"] = float("nan") if a.task == "token" else needle_signal(
         model, a.seq, range(EVAL_SEED + 7, EVAL_SEED + 11), digits=a.digits, depth=a.depth)

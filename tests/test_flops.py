@@ -56,6 +56,7 @@ SMALL = dict(d_model=64, n_heads=4, chunk_size=16, window=32, segment_len=32, n_
 NAMED = {
     "mag": (dict(layers=["swa", "mag"]), 72),
     "mac": (dict(layers=["mac", "mac"]), 72),
+    "mac_stores_y": (dict(layers=["mac", "mac"], mac_memory_input="attention"), 72),
     "lmm": (dict(layers=["lmm", "swa"], mem_depth=1), 64),
     "mal": (dict(layers=["mal"], mem_depth=3), 64),
 }

@@ -273,10 +273,12 @@ def step_flops(cfg: ModelConfig, batch_size: int, seq_len: int, *, training: boo
                 out.backward_skipped += B * memory_dead_backward_flops(cfg, L, m)
                 out.backward_recomputed += B * memory_recompute_flops(cfg, L, m)
         if m == "mac":
-            # h = W_O-path(f_W(q(x))) per token: q projection + its conv, the read, the output path,
-            # then h's keys and values (the code also computes h's unused queries)
+            # h = W_O-path(f_W(q(x))) per token: the read, the output path, then h's keys and values
+            # (the code also computes h's unused queries). Storing y, the read projects q itself (its
+            # rows and conv); storing x, it takes q from the update's projection.
             kv = 3 if count == "executed" else 2
-            out.add("mac_memory_tokens", (2 * D * Hd + 2 * Hd * K + memory_read_flops(cfg)
+            q_proj = 0 if cfg.mac_memory_input == "input" else 2 * D * Hd + 2 * Hd * K
+            out.add("mac_memory_tokens", (q_proj + memory_read_flops(cfg)
                                           + 2 * 2 * D * Hd + 2 * kv * D * D) * BL)
     return out
 

@@ -146,14 +146,18 @@ def test_memory_recompute_gives_the_same_gradients(mixer):
     assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
-@pytest.mark.parametrize("mixer,kw", [("mac", dict(mac_output="product")), ("mac", dict(mac_output="add")),
+PAPER_FORMS = dict(mem_residual=False, mac_memory_input="attention", mac_output="gate")
+
+
+@pytest.mark.parametrize("mixer,kw", [("mac", PAPER_FORMS), ("mag", PAPER_FORMS), ("mal", PAPER_FORMS),
+                                      ("mac", dict(mac_output="product")), ("mac", dict(mac_output="gate")),
                                       ("mac", dict(mem_attn_norm=False)),
                                       ("mal", dict(mem_attn_norm=False)),
-                                      ("mag", dict(mem_residual=True)), ("mal", dict(mem_residual=True)),
-                                      ("mac", dict(mem_residual=True)),
-                                      ("mac", dict(mac_memory_input="input", mem_residual=True))])
+                                      ("mac", dict(mac_memory_input="attention")),
+                                      ("mac", dict(mem_residual=False))])
 def test_memory_attention_options_stream_and_stay_causal(mixer, kw):
-    """The non-default ways the memory meets attention keep streaming exact and the model causal."""
+    """The non-default ways the memory meets attention (the paper's forms among them) keep streaming exact
+    and the model causal."""
     model = tiny_model(mixer, **kw)
     tok = torch.randint(0, 259, (2, 29))
     full, _ = model(tok)
@@ -214,9 +218,9 @@ def test_mac_memory_stores_what_mac_memory_input_names(store):
     mix = tiny_model("mac", mac_memory_input=store).blocks["1"].mixer
     orig, seen = mix.memory.scan, []
 
-    def spy(x, state):
+    def spy(x, state, *projected):
         seen.append(x)
-        return orig(x, state)
+        return orig(x, state, *projected)
     mix.memory.scan = spy
     x = torch.randn(1, 16, 32, dtype=torch.float64)
     mix(x, None, 0)
@@ -224,3 +228,18 @@ def test_mac_memory_stores_what_mac_memory_input_names(store):
     assert torch.equal(stored, x) is (store == "input")
     if store == "attention":      # RMS-normed y
         assert torch.allclose(stored.pow(2).mean(-1), torch.ones(1, 16, dtype=torch.float64), atol=1e-3)
+
+
+@pytest.mark.parametrize("store,calls", [("input", [3]), ("attention", [1, 3])])
+def test_mac_projects_each_segment_once_when_it_stores_its_inputs(store, calls):
+    """Storing x_s, the read's q and the update's q, k, v come from one projection of x_s (the
+    same numbers: the streaming and parity tests hold them); storing y, the read projects q alone."""
+    mix = tiny_model("mac", mac_memory_input=store).blocks["1"].mixer
+    orig, seen = mix.memory.project, []
+
+    def spy(x, cache, parts=3):
+        seen.append(parts)
+        return orig(x, cache, parts)
+    mix.memory.project = spy
+    mix(torch.randn(1, 16, 32, dtype=torch.float64), None, 0)
+    assert seen == calls * (16 // mix.segment)

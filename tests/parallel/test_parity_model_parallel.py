@@ -3,8 +3,8 @@
 One spawn of 2 ranks trains, in turn, TP=2, TP=2+SP, PP=2 (1F1B) and PP=2 interleaved (2
 virtual stages per rank) on a tiny TitansLM holding every mixer (MAC, MAG, MAL, LMM, SWA, SEG,
 full attention), and TP=2 with the normalised memory (model.mem_norm: ln_weight/ln_bias split
-by memory heads, gathered back whole), and TP=2+SP with the recall recipes' options
-(mem_residual, MAC storing its inputs, MAC's additive output). Each must reproduce the
+by memory heads, gathered back whole), and TP=2+SP with the paper's forms of MAC,
+MAG and MAL (no mem_residual, MAC storing its attention output, MAC's gated output). Each must reproduce the
 single-process losses (1e-5 relative per step) and step-1 gradients (gathered back to TitansLM
 names). The same ranks then count the collectives the memory update issues under TP (none), and
 save a sharded checkpoint under TP=2 that is resumed under PP=2 and DP=2 with the same next loss
@@ -28,9 +28,10 @@ LAYOUTS = {
     "pp2_interleaved": dict(pp=2, vpp=2, micro=2),
 }
 NORM_LAYOUTS = {"tp2_norm": dict(tp=2, mem_norm=True)}
-# The recall recipes' ways of joining memory and attention (docs/design.md section 4), under TP+SP
-RECIPE_OPTIONS = dict(mem_residual=True, mac_memory_input="input", mac_output="add")
-OPTION_LAYOUTS = {"tp2_sp_recipe_options": dict(tp=2, sp=True, mem_norm=True, model=RECIPE_OPTIONS)}
+# The paper's ways of joining memory and attention (the defaults are the forms that learn recall;
+# docs/design.md section 4), under TP+SP
+PAPER_FORMS = dict(mem_residual=False, mac_memory_input="attention", mac_output="gate")
+OPTION_LAYOUTS = {"tp2_sp_paper_forms": dict(tp=2, sp=True, mem_norm=True, model=PAPER_FORMS)}
 
 _COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
                 "broadcast", "reduce", "all_to_all", "all_to_all_single", "send", "recv", "isend", "irecv",
@@ -142,8 +143,8 @@ def test_normalised_memory_layout_matches_one_process(runs, layout):
 
 
 @pytest.mark.parametrize("layout", list(OPTION_LAYOUTS))
-def test_recipe_options_layout_matches_one_process(runs, layout):
-    check_every_rank(runs, layout, reference(mem_norm=True, model=RECIPE_OPTIONS))
+def test_paper_forms_layout_matches_one_process(runs, layout):
+    check_every_rank(runs, layout, reference(mem_norm=True, model=PAPER_FORMS))
 
 
 def test_memory_update_issues_no_collective_under_tp(runs):

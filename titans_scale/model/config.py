@@ -46,14 +46,16 @@ class ModelConfig:
     norm_eps: float = 1e-6
     tie_embeddings: bool = True
     init_std: float = 0.02
-    # how the memory meets attention (docs/long_context.md, "What made MAC, MAG and MAL learn")
+    # how the memory meets attention (docs/long_context.md, "What made MAG, MAL and MAC recall").
+    # The defaults are the forms that learn recall; the paper's forms are mem_residual = false,
+    # mac_memory_input = "attention", mac_output = "gate" (with them no variant recalls, measured)
     mem_attn_norm: bool = True            # RMS-normalise memory reads entering attention (MAC's h, MAL's M(x))
-    mac_output: MacOutput = "gate"        # MAC Eq. 25 o = y (x) M(y): "gate" y*sigmoid(M(y)), "product" y*M(y),
-                                          # "add" y + M(y) (not the paper's: the memory's read joins the residual)
-    mac_memory_input: MacMemoryInput = "attention"  # what MAC's memory stores and reads in Eqs. 24-25: the
-                                          # attention output y (paper) or the segment's inputs x (as titans-pytorch)
-    mem_residual: bool = False            # also add the memory's read to the layer's output: M(x) (MAG, MAL),
-                                          # MAC's retrieved h (Eq. 21); not the paper's: LMM's path beside attention
+    mac_output: MacOutput = "add"         # MAC Eq. 25 o = y (x) M(.): "add" y + M(.) (the read joins the residual
+                                          # stream), "gate" y*sigmoid(M(y)) (the paper's), "product" y*M(y)
+    mac_memory_input: MacMemoryInput = "input"  # what MAC's memory stores and reads in Eqs. 24-25: the
+                                          # segment's inputs x (as titans-pytorch) or the attention output y (paper)
+    mem_residual: bool = True             # also add the memory's read to the layer's output: M(x) (MAG, MAL),
+                                          # MAC's retrieved h (Eq. 21); false: the paper's forms
 
     def __post_init__(self):
         self.validate()

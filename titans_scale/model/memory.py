@@ -152,9 +152,10 @@ class NeuralMemory(nn.Module):
         y = self.out_norm(y.to(x.dtype)).transpose(1, 2).reshape(B, L, H * d)
         return self.out(y * torch.sigmoid(self.out_gate(x)))
 
-    def scan(self, x: torch.Tensor, state: MemoryLayerState):
-        """Read and update the memory with x [B, L, D]; returns retrieved y [B, H, L, d]."""
-        (q, k, v), conv = self.project(x, state.conv)
+    def scan(self, x: torch.Tensor, state: MemoryLayerState, projected=None):
+        """Read and update the memory with x [B, L, D]; returns retrieved y [B, H, L, d].
+        `projected`: project(x, state.conv)'s result, when the caller needed q before the update (MAC)."""
+        (q, k, v), conv = projected or self.project(x, state.conv)
         theta, eta, alpha = self.gate_values(x)
         scan = self.scan_fn or memory_scan
         norm = {} if self.ln_weight is None else {"ln_weight": self.ln_weight, "ln_bias": self.ln_bias}

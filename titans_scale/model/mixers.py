@@ -92,7 +92,8 @@ class MALState:
 
 
 class MAG(nn.Module):
-    """mag: o = norm(SWA(x)) * sigmoid(norm(M(x)))  (paper Eqs. 26-28); + M(x) with model.mem_residual."""
+    """mag: o = norm(SWA(x)) * sigmoid(norm(M(x))) (paper Eqs. 26-28), + M(x) with model.mem_residual
+    (the default; without it the read only gates attention and MAG does not learn recall)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -110,7 +111,8 @@ class MAG(nn.Module):
 
 class MAL(nn.Module):
     """mal: the memory as a layer, then sliding-window attention on its output (Eqs. 29-31);
-    with model.mem_attn_norm that output is RMS-normed first; model.mem_residual adds M(x) to the output."""
+    with model.mem_attn_norm that output is RMS-normed first; model.mem_residual (default) adds M(x) to the
+    output (without it MAL does not learn recall)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -128,7 +130,8 @@ class MAL(nn.Module):
 @dataclass
 class MACState:
     memory: MemoryLayerState       # memory (and conv of the y stream) at the current segment's start
-    conv_x: torch.Tensor           # conv cache of the x stream (queries for h) at that start
+    conv_x: torch.Tensor           # conv cache of the x stream (queries for h) at that start, when the
+                                   # memory stores y (storing x, the memory's own cache is that stream's)
     tail: torch.Tensor             # inputs of the current, unfinished segment
 
 
@@ -139,10 +142,11 @@ for _state in (MAGState, MALState, MACState):   # flatten to their tensors in a 
 class MAC(nn.Module):
     """mac: memory as context (paper Eqs. 21-25). Per segment s:
     h = f_{W before s}(q(x_s)); y = Attn([persistent || h || x_s]);
-    the memory is updated with y chunk by chunk and read back: o = y * sigmoid(M(y))
-    (model.mac_output; with model.mem_attn_norm, h and the y the memory reads are RMS-normed).
-    Options that depart from the paper (docs/design.md section 4): model.mac_memory_input="input"
-    stores x_s instead of y; model.mem_residual adds h's read to o."""
+    the memory is updated chunk by chunk and read back, o = y (x) M(.) (Eqs. 24-25).
+    The defaults depart from the paper where it does not learn recall (docs/design.md section 4):
+    model.mac_memory_input = "input" stores x_s (paper: y), model.mac_output = "add" is o = y + M(x_s)
+    (paper: the gate y * sigmoid(M(y))), model.mem_residual adds h to o. With mem_attn_norm, h and
+    a stored y are RMS-normed."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -166,7 +170,12 @@ class MAC(nn.Module):
         # (O(L^2 / segment) work over a sequence); split's backward concatenates once
         for i, xs in enumerate(xx.split(self.segment, dim=1)):
             s0 = i * self.segment
-            (q,), conv_x_next = self.memory.project(xs, conv_x, parts=1)
+            if self.store_input:  # the update projects x_s too: one projection serves both
+                projected = self.memory.project(xs, mem.conv)
+                q, conv_x_next = projected[0][0], conv_x
+            else:                 # the read projects x_s, the update y: q's rows alone here
+                (q,), conv_x_next = self.memory.project(xs, conv_x, parts=1)
+                projected = None
             r = self.memory.output(self.memory.read(mem.memory.chunk_start, q), xs)  # Eq. 21
             # h at the scale of the (RMS-normed) segment tokens it joins
             h = F.rms_norm(r, r.shape[-1:]) if self.norm else r
@@ -176,7 +185,7 @@ class MAC(nn.Module):
             else:                 # Eq. 24: it stores y, at the scale of its other inputs (a normed
                 # stream): a raw attention output is ~1e-2 at init, its values ~1e-4 against f's k of norm 1
                 ym = F.rms_norm(y, y.shape[-1:]) if self.norm else y
-            m, mem_next = self.memory.scan(ym, mem)                                       # Eq. 24
+            m, mem_next = self.memory.scan(ym, mem, projected)                            # Eq. 24
             g = self.memory.output(m, ym)
             o = (y * torch.sigmoid(g) if self.combine == "gate" else                        # Eq. 25
                  y * g if self.combine == "product" else y + g)
