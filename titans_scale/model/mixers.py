@@ -129,7 +129,7 @@ class MAL(nn.Module):
 
 @dataclass
 class MACState:
-    memory: MemoryLayerState       # memory (and conv of the y stream) at the current segment's start
+    memory: MemoryLayerState       # memory (and conv of the stream it stores) at the current segment's start
     conv_x: torch.Tensor           # conv cache of the x stream (queries for h) at that start, when the
                                    # memory stores y (storing x, the memory's own cache is that stream's)
     tail: torch.Tensor             # inputs of the current, unfinished segment
