@@ -7,8 +7,9 @@ Sections (each isolated: a failure is recorded with its traceback and the others
   environment  versions, the device, its compute capability and bf16 peak, TE FP8 availability
   memory_op    the Triton path and `fused` against the float64 `naive` reference: outputs, final
                state and gradients of every input; depth 1/2, several head dims d and chunks C,
-               fp32 and bf16, lengths that end mid-chunk (--cpu: `fused` only, and one Triton case
-               in the interpreter)
+               fp32 and bf16 (the reference reads the same rounded inputs), lengths that end
+               mid-chunk; cases past GPU_ACCEPTANCE_OP_BUDGET_S (240 s: each compiles its kernels)
+               are listed as not run (--cpu: `fused` only, and one Triton case in the interpreter)
   training     tiny and small configs, bf16 autocast, 30 steps on the device (LocalEngine, the
                trainer's engine): the loss falls, and the first losses match an fp32 CPU run of
                the same weights and batches within TRAIN_RTOL (--cpu: micro models, 6 steps,
@@ -18,8 +19,9 @@ Sections (each isolated: a failure is recorded with its traceback and the others
   runtime      the parallel runtime as one rank (NCCL on a GPU, gloo on the CPU) with megatron
                and with DeepSpeed ZeRO-1: 2 steps, a sharded checkpoint, step 3; a fresh runtime
                resumes it and gives step 3's loss again
-  throughput   the memory layer and the whole small model (forward + backward + AdamW): tokens/s
-               and MFU against the device's bf16 peak (train.hardware.peak_flops) at 4k-64k tokens
+  throughput   the memory layer (on a GPU: Triton and `fused`, side by side) and the whole small
+               model (forward + backward + AdamW): tokens/s and MFU against the device's bf16 peak
+               (train.hardware.peak_flops) at 4k-64k tokens (--lengths)
                (--cpu: 128 tokens, fp32, MFU against the measured fp32 matmul rate)
 
 Writes bench/results/gpu_acceptance[_cpu].json (or --out) and prints each section's verdict.
@@ -63,6 +65,8 @@ TRAIN_RTOL = 3e-2          # first 3 losses, bf16 on the device vs fp32 on the C
 FIRST = 3
 # memory op vs float64 naive: max |error| / max |reference|, per tensor
 OP_TOL = {torch.float32: 2e-4, torch.bfloat16: 4e-2}
+# device time is lent in minutes: cases past this budget are listed as not run (the section then fails)
+OP_BUDGET_S = float(os.environ.get("GPU_ACCEPTANCE_OP_BUDGET_S", "240"))
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -163,14 +167,22 @@ def memory_op() -> dict:
         cases = [(depth, d, C, dt, 5 * C // 2, impl, True) for impl in ("triton", "fused") for depth in (1, 2)
                  for d, C in shapes for dt in (torch.float32, torch.bfloat16)]
         cases += [(2, d, C, torch.float32, 5 * C // 2, impl, False) for impl in ("triton", "fused") for d, C in shapes]
-    rows = []
+    keep = {{"fp32": torch.float32, "bf16": torch.bfloat16}[n] for n in OPTIONS["op_dtypes"]}
+    cases = [c for c in cases if c[3] in keep]
+    rows, t0 = [], time.perf_counter()
     for depth, d, C, dt, L, impl, norm in cases:
+        if time.perf_counter() - t0 > OP_BUDGET_S:
+            rows.append({"impl": impl, "depth": depth, "d": d, "C": C, "L": L, "dtype": str(dt), "norm": norm,
+                         "pass": False, "error": f"not run: past the section's {OP_BUDGET_S:.0f} s budget"})
+            continue
         try:
+            t = time.perf_counter()
             rows.append(_compare_scan(memory_scan, dev, depth, d, C, dt, L, impl, norm))
+            rows[-1]["seconds"] = round(time.perf_counter() - t, 2)
         except Exception as e:      # one shape the kernels refuse must not hide the others
             rows.append({"impl": impl, "depth": depth, "d": d, "C": C, "L": L, "dtype": str(dt), "norm": norm,
                          "pass": False, "error": f"{type(e).__name__}: {e}"})
-    out = {"pass": all(r["pass"] for r in rows), "cases": rows}
+    out = {"pass": bool(rows) and all(r["pass"] for r in rows), "cases": rows}
     if CPU_MODE and not INTERPRETED:
         out["triton_skipped"] = "TRITON_INTERPRET=1 was not in effect when triton was imported"
     return out
@@ -188,15 +200,19 @@ def _compare_scan(memory_scan, dev, depth, d, C, dt, L, impl, norm) -> dict:
     ln = [1 + 0.1 * torch.randn(H, d, generator=g), 0.1 * torch.randn(H, d, generator=g)] if norm else []
 
     def run(impl_, dtype, device):
-        acts = [x.to(device, dtype).requires_grad_(True) for x in (q, k, v, *gates)]
+        acts = [x.detach().to(device, dtype, copy=True).requires_grad_(True) for x in (q, k, v, *gates)]
         wdt = torch.float64 if dtype == torch.float64 else torch.float32
-        ws = [w.to(device, wdt).requires_grad_(True) for w in init + ln]
+        ws = [w.detach().to(device, wdt, copy=True).requires_grad_(True) for w in init + ln]
         ws, lns = ws[:depth], ws[depth:]
         y, state = memory_scan(*acts, ws, chunk_size=C, impl=impl_, **dict(zip(("ln_weight", "ln_bias"), lns)))
         loss = (y.double() * probe.to(device).double()).sum() + sum(w.double().sum() for w in state.weights)
         loss.backward()
         return y, state.weights, [a.grad for a in acts] + [w.grad for w in ws + lns]
 
+    # The reference reads the inputs the kernel reads (rounded to dt): what is left is the kernel's own
+    # arithmetic, not the rounding of its inputs.
+    q, k, v, probe = (x.to(dt).double() for x in (q, k, v, probe))
+    gates = [x.to(dt).double() for x in gates]
     want_y, want_w, want_g = run("naive", torch.float64, "cpu")
     got_y, got_w, got_g = run(impl, dt, dev)
     errs = {"output": _rel(got_y, want_y), "state": max(_rel(a, b) for a, b in zip(got_w, want_w)),
@@ -281,16 +297,19 @@ def throughput() -> dict:
     dev = _device()
     peak, what = peak_flops(dev)
     dtype = None if CPU_MODE else torch.bfloat16
-    lengths = (128,) if CPU_MODE else (4096, 16384, 65536)     # --cpu: the code path, not a speed
+    lengths = OPTIONS["lengths"] or ((128,) if CPU_MODE else (4096, 16384, 65536))  # --cpu: the code path
+    # the memory layer per scan path: on a GPU "auto" is the Triton kernels, and they must beat `fused`
+    MEASURED = ("memory layer", "model") if CPU_MODE else ("memory layer (triton)", "memory layer (fused)", "model")
     cfg = _run_config("small")
     rows = []
     for L in lengths:
-        for what_ in ("memory layer", "model"):
+        for what_ in MEASURED:
             row = {"what": what_, "tokens": L}
             try:
                 torch.manual_seed(0)
-                if what_ == "memory layer":
+                if what_.startswith("memory layer"):
                     module = NeuralMemory(cfg.model).to(dev)
+                    module.impl = what_.partition("(")[2].rstrip(")") or "auto"
                     x = torch.randn(1, L, cfg.model.d_model, device=dev, requires_grad=True)
                     fpt = layer_flops_per_token(cfg.model)[1]
 
@@ -317,6 +336,7 @@ def throughput() -> dict:
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
             rows.append(row)
+            print(json.dumps(row), flush=True)     # a run cut off mid-section still shows its rows in the log
     print(table(rows, [("what", "what", ""), ("tokens", "tokens", "{:,}"), ("tokens_per_s", "tokens/s", "{:,.0f}"),
                        ("mfu", "MFU", "{:.2%}"), ("error", "error", "")]))
     measured = [r for r in rows if "tokens_per_s" in r]
@@ -331,6 +351,7 @@ def _timed(step, dev, dtype, repeats: int) -> float:
     return timed(run, repeats=repeats, warmup=1, sync=_sync)
 
 
+OPTIONS: dict = {"op_dtypes": {"fp32", "bf16"}, "lengths": None}     # main() sets them from the command line
 SECTIONS = {"environment": environment, "memory_op": memory_op, "training": training, "fp8_te": fp8_te,
             "runtime": runtime, "throughput": throughput}
 
@@ -355,7 +376,11 @@ def main() -> int:
     ap.add_argument("--cpu", action="store_true", help="the CPU mode: tiny sizes, every section that can run")
     ap.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset")
     ap.add_argument("--out", help="the JSON report (default bench/results/gpu_acceptance[_cpu].json)")
+    ap.add_argument("--op-dtypes", default="fp32,bf16", help="memory_op's dtypes (a short device lease: one)")
+    ap.add_argument("--lengths", help="throughput's lengths in tokens, comma-separated (default 4096,16384,65536)")
     a = ap.parse_args()
+    OPTIONS.update(op_dtypes={"fp32": torch.float32, "bf16": torch.bfloat16}.keys() & set(a.op_dtypes.split(",")),
+                   lengths=tuple(int(n) for n in a.lengths.split(",")) if a.lengths else None)
     report = {"mode": "cpu" if a.cpu else "gpu", "date": time.strftime("%Y-%m-%d %H:%M"), "sections": {}}
     out = Path(a.out) if a.out else RESULTS / f"gpu_acceptance{'_cpu' if a.cpu else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

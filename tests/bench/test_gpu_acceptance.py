@@ -83,3 +83,14 @@ def test_a_failing_section_is_recorded_and_the_others_still_run(tmp_path, monkey
     assert report["wall_s"] >= s["last"]["started_s"] >= s["first"]["started_s"] >= 0
     assert s["boom"]["pass"] is False and s["boom"]["error"] == "KeyError: 'no such kernel'"
     assert "Traceback" in s["boom"]["traceback"] and "raise KeyError" in s["boom"]["traceback"]
+
+
+def test_memory_op_cases_past_the_budget_fail_the_section_and_say_so(monkeypatch):
+    mod = _script()
+    monkeypatch.setattr(mod, "CPU_MODE", True)
+    monkeypatch.setattr(mod, "OP_BUDGET_S", -1.0)      # every case starts past the budget
+    out = mod.memory_op()
+    assert out["pass"] is False and out["cases"]
+    assert all(c["error"].startswith("not run: past the section's") for c in out["cases"])
+    monkeypatch.setattr(mod, "OPTIONS", {"op_dtypes": set(), "lengths": None})
+    assert mod.memory_op() == {"pass": False, "cases": []}     # nothing measured is not a pass
