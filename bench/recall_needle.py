@@ -116,6 +116,14 @@ class Reference(torch.nn.Module):
         return self.net(x), None
 
 
+def recall_at(model, helds: dict) -> dict:
+    """recall() at each held-out depth; "recall" is the lowest of them, the other figures the first's."""
+    rs = {d: recall(model, h) for d, h in helds.items()}
+    first = next(iter(rs.values()))
+    return {**first, "recall": min(r["recall"] for r in rs.values()),
+            "by_depth": {d: r["recall"] for d, r in rs.items()}}
+
+
 def run(a) -> dict:
     torch.manual_seed(a.seed)
     cfg = model_config(a.layers.split(","), a.set)
@@ -124,17 +132,21 @@ def run(a) -> dict:
     else:
         model = TitansLM(cfg)
         regate(model, a.theta_bias, a.eta_bias, a.w0_last)
-    held = batch(0, a.eval_samples, a.seq, EVAL_SEED, a.depth, a.digits, a.task)
+    eval_depths = [float(d) for d in a.eval_depths.split(",")] if a.eval_depths else [a.depth]
+    helds = {d: batch(0, a.eval_samples, a.seq, EVAL_SEED, d, a.digits, a.task) for d in eval_depths}
+    lo_hi = [float(d) for d in a.train_depths.split(",")] if a.train_depths else None
+    depth_rng = torch.Generator().manual_seed(a.seed)
     out = {"layers": "titans-pytorch MAC" if a.reference else cfg.layers, "overrides": a.set,
            "theta_bias": a.theta_bias, "eta_bias": a.eta_bias,
            "w0_last": a.w0_last, "seed": a.seed, "seq": a.seq, "depth": a.depth,
+           "eval_depths": eval_depths, "train_depths": lo_hi,
            "mem_depth": cfg.mem_depth, "max_lr": cfg.max_lr, "mem_norm": cfg.mem_norm,
            "task": a.task,
            "chance": 1 / TOKEN_VALUES if a.task == "token" else chance(a.digits), "digits": a.digits,
            "machine": machine(), "curve": []}
     out["probe_signal"] = float("nan") if a.task == "token" else needle_signal(
         model, a.seq, range(EVAL_SEED + 7, EVAL_SEED + 11), digits=a.digits, depth=a.depth)
-    first = recall(model, held)
+    first = recall_at(model, helds)
     out["init_mem_norm"] = first["mem_norm_max"]
     if a.probe:
         return out
@@ -142,7 +154,9 @@ def run(a) -> dict:
     nonfinite, t0, step_time = 0, time.perf_counter(), []
     out["curve"].append({"step": 0, **first, "wall_s": 0.0})
     for step in range(1, a.steps + 1):
-        x, y, m = batch(step, a.batch, a.seq, a.seed, a.depth, a.digits, a.task)
+        u = torch.rand(1, generator=depth_rng).item()      # its own generator: fixed-depth runs are as before
+        depth = a.depth if lo_hi is None else lo_hi[0] + (lo_hi[1] - lo_hi[0]) * u
+        x, y, m = batch(step, a.batch, a.seq, a.seed, depth, a.digits, a.task)
         ts = time.perf_counter()
         logits, _ = model(x)
         loss = F.cross_entropy(logits[m], y[m])
@@ -155,12 +169,13 @@ def run(a) -> dict:
             opt.step()
         step_time.append(time.perf_counter() - ts)
         if step % a.eval_every == 0 or step == a.steps:
-            r = recall(model, held)
+            r = recall_at(model, helds)
             row = {"step": step, **r, "train_loss": loss.item(), "nonfinite": nonfinite,
                    "wall_s": time.perf_counter() - t0, "step_s": sum(step_time[-a.eval_every:]) /
                    len(step_time[-a.eval_every:]), "load": machine()["load_avg_1m"]}
             out["curve"].append(row)
-            print(f"step {step:4d} recall {r['recall']:.3f} ans_loss {r['answer_loss']:.3f} "
+            each = "" if len(helds) == 1 else " (" + " ".join(f"{d}: {v:.2f}" for d, v in r["by_depth"].items()) + ")"
+            print(f"step {step:4d} recall {r['recall']:.3f}{each} ans_loss {r['answer_loss']:.3f} "
                   f"|W| {r['mem_norm_max']:.1f} step {row['step_s']:.2f}s nonfinite {nonfinite}", flush=True)
             if a.stop_at and r["recall"] >= a.stop_at:
                 break
@@ -179,6 +194,8 @@ def main():
     ap.add_argument("--eval-samples", type=int, default=64)
     ap.add_argument("--seq", type=int, default=640)
     ap.add_argument("--depth", type=float, default=0.0, help="needle depth in the haystack (0 = ~500 back)")
+    ap.add_argument("--train-depths", help="LO,HI: each training batch's needle depth uniform in [LO, HI]")
+    ap.add_argument("--eval-depths", help="held-out depths, comma-separated (default --depth); recall is the lowest")
     ap.add_argument("--task", choices=["passkey", "token"], default="passkey",
                     help="passkey: the text needle; token: [MARK, value] in random bytes, chance 1/8")
     ap.add_argument("--digits", type=int, default=2, help="pass-key digits (1: 9 values, chance 11%%)")
