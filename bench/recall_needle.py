@@ -73,16 +73,29 @@ def recall(model, data, bs: int = 16) -> dict:
     the largest memory weight norm over the held-out samples."""
     x, y, m = data
     right, losses, wnorm = [], [], 0.0
-    with torch.no_grad():
-        for i in range(0, x.shape[0], bs):
-            logits, state = model(x[i:i + bs])
-            mm, yy = m[i:i + bs], y[i:i + bs]
-            ok = (logits.argmax(-1) == yy) | ~mm
-            right.append(ok.all(1))
-            losses.append(F.cross_entropy(logits[mm], yy[mm], reduction="sum") / mm.sum())
-            wnorm = max(wnorm, memory_weight_norm(state))
+    # Is the memory still writing? The inner step theta (mean over tokens) and the norm's |ln_weight|
+    # (its update is proportional to both); a memory whose |W| stays at W^0's has one of them near zero.
+    mems = [mod for mod in model.modules() if isinstance(mod, NeuralMemory)]
+    thetas = []
+    hooks = [mem.gates.register_forward_hook(
+        lambda _mod, _args, out, lr=mem.max_lr: thetas.append((lr * torch.sigmoid(out[..., 0::3])).mean().item()))
+        for mem in mems]
+    try:
+        with torch.no_grad():
+            for i in range(0, x.shape[0], bs):
+                logits, state = model(x[i:i + bs])
+                mm, yy = m[i:i + bs], y[i:i + bs]
+                ok = (logits.argmax(-1) == yy) | ~mm
+                right.append(ok.all(1))
+                losses.append(F.cross_entropy(logits[mm], yy[mm], reduction="sum") / mm.sum())
+                wnorm = max(wnorm, memory_weight_norm(state))
+    finally:
+        for h in hooks:
+            h.remove()
+    ln_w = [mem.ln_weight.abs().mean().item() for mem in mems if mem.ln_weight is not None]
     return {"recall": torch.cat(right).float().mean().item(), "answer_loss": torch.stack(losses).mean().item(),
-            "mem_norm_max": wnorm}
+            "mem_norm_max": wnorm, "theta_mean": sum(thetas) / max(len(thetas), 1),
+            "ln_weight_mean": sum(ln_w) / len(ln_w) if ln_w else float("nan")}
 
 
 def regate(model, theta_bias, eta_bias, w0_last) -> None:
@@ -176,7 +189,8 @@ def run(a) -> dict:
             out["curve"].append(row)
             each = "" if len(helds) == 1 else " (" + " ".join(f"{d}: {v:.2f}" for d, v in r["by_depth"].items()) + ")"
             print(f"step {step:4d} recall {r['recall']:.3f}{each} ans_loss {r['answer_loss']:.3f} "
-                  f"|W| {r['mem_norm_max']:.1f} step {row['step_s']:.2f}s nonfinite {nonfinite}", flush=True)
+                  f"|W| {r['mem_norm_max']:.1f} theta {r['theta_mean']:.1e} |ln_w| {r['ln_weight_mean']:.2f} "
+                  f"step {row['step_s']:.2f}s nonfinite {nonfinite}", flush=True)
             if a.stop_at and r["recall"] >= a.stop_at:
                 break
     out["nonfinite_steps"] = nonfinite

@@ -5,7 +5,7 @@ The issue's model: layers ["seg", "mac"], d_model 128, 2 heads, segment 128, eve
 at its default. The task: the bare-token needle (data.synthetic.token_needle_batch), its value 511
 tokens before the question in a 640-token row: four segments back, beyond every attention span.
 AdamW 1e-3, batch 4, clip 1, one thread. Measured (bench/recall_needle.py --task token --depth 0.2,
-docs/long_context.md): seeds 1 / 2 / 3 reach >= 90% of 64 held-out samples at step 175 / 225 / 250;
+docs/long_context.md): seeds 1 / 2 / 3 reach >= 90% of 64 held-out samples at step 300 / 175 / 250;
 the paper's forms (mem_residual = false, MAC storing y with the gated output) stay at chance
 (12.5%) through 375 steps. The test stops at 90% and allows 400 steps (about 90 s on one core).
 """
