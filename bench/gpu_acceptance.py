@@ -65,6 +65,7 @@ TRAIN_RTOL = 3e-2          # first 3 losses, bf16 on the device vs fp32 on the C
 FIRST = 3
 # memory op vs float64 naive: max |error| / max |reference|, per tensor
 OP_TOL = {torch.float32: 2e-4, torch.bfloat16: 4e-2}
+OP_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}     # --op-dtypes' names
 # device time is lent in minutes: cases past this budget are listed as not run (the section then fails)
 OP_BUDGET_S = float(os.environ.get("GPU_ACCEPTANCE_OP_BUDGET_S", "240"))
 
@@ -167,7 +168,7 @@ def memory_op() -> dict:
         cases = [(depth, d, C, dt, 5 * C // 2, impl, True) for impl in ("triton", "fused") for depth in (1, 2)
                  for d, C in shapes for dt in (torch.float32, torch.bfloat16)]
         cases += [(2, d, C, torch.float32, 5 * C // 2, impl, False) for impl in ("triton", "fused") for d, C in shapes]
-    keep = {{"fp32": torch.float32, "bf16": torch.bfloat16}[n] for n in OPTIONS["op_dtypes"]}
+    keep = {OP_DTYPES[n] for n in OPTIONS["op_dtypes"]}
     cases = [c for c in cases if c[3] in keep]
     rows, t0 = [], time.perf_counter()
     for depth, d, C, dt, L, impl, norm in cases:
@@ -379,8 +380,10 @@ def main() -> int:
     ap.add_argument("--op-dtypes", default="fp32,bf16", help="memory_op's dtypes (a short device lease: one)")
     ap.add_argument("--lengths", help="throughput's lengths in tokens, comma-separated (default 4096,16384,65536)")
     a = ap.parse_args()
-    OPTIONS.update(op_dtypes={"fp32": torch.float32, "bf16": torch.bfloat16}.keys() & set(a.op_dtypes.split(",")),
-                   lengths=tuple(int(n) for n in a.lengths.split(",")) if a.lengths else None)
+    op_dtypes = set(a.op_dtypes.split(","))
+    if op_dtypes - OP_DTYPES.keys():
+        ap.error(f"--op-dtypes: unknown {', '.join(sorted(op_dtypes - OP_DTYPES.keys()))}; choose from fp32, bf16")
+    OPTIONS.update(op_dtypes=op_dtypes, lengths=tuple(int(n) for n in a.lengths.split(",")) if a.lengths else None)
     report = {"mode": "cpu" if a.cpu else "gpu", "date": time.strftime("%Y-%m-%d %H:%M"), "sections": {}}
     out = Path(a.out) if a.out else RESULTS / f"gpu_acceptance{'_cpu' if a.cpu else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
