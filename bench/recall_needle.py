@@ -98,9 +98,10 @@ def recall(model, data, bs: int = 16) -> dict:
             "ln_weight_mean": sum(ln_w) / len(ln_w) if ln_w else float("nan")}
 
 
-def regate(model, theta_bias, eta_bias, w0_last, ln_init=None) -> None:
+def regate(model, theta_bias, eta_bias, w0_last, ln_init=None, out_zero=False) -> None:
     """Screening knobs on top of the model's init: theta's and eta's gate bias, the scale of
-    the last layer of a deep memory's W^0, the normalised memory's ln_weight (None keeps the model's)."""
+    the last layer of a deep memory's W^0, the normalised memory's ln_weight (None keeps the model's);
+    out_zero starts the memory's output projection W_O at zero (the memory's read adds nothing at first)."""
     with torch.no_grad():
         for mod in model.modules():
             if isinstance(mod, NeuralMemory):
@@ -113,6 +114,8 @@ def regate(model, theta_bias, eta_bias, w0_last, ln_init=None) -> None:
                     mod.init_weights[-1].mul_(w0_last)
                 if ln_init is not None and mod.ln_weight is not None:
                     mod.ln_weight.fill_(ln_init)
+                if out_zero:
+                    mod.out.weight.zero_()
 
 
 class Reference(torch.nn.Module):
@@ -146,14 +149,15 @@ def run(a) -> dict:
         model = Reference()
     else:
         model = TitansLM(cfg)
-        regate(model, a.theta_bias, a.eta_bias, a.w0_last, a.ln_init)
+        regate(model, a.theta_bias, a.eta_bias, a.w0_last, a.ln_init, a.out_zero)
     eval_depths = [float(d) for d in a.eval_depths.split(",")] if a.eval_depths else [a.depth]
     helds = {d: batch(0, a.eval_samples, a.seq, EVAL_SEED, d, a.digits, a.task) for d in eval_depths}
     lo_hi = [float(d) for d in a.train_depths.split(",")] if a.train_depths else None
     depth_rng = torch.Generator().manual_seed(a.seed)
     out = {"layers": "titans-pytorch MAC" if a.reference else cfg.layers, "overrides": a.set,
            "theta_bias": a.theta_bias, "eta_bias": a.eta_bias,
-           "w0_last": a.w0_last, "ln_init": a.ln_init, "seed": a.seed, "seq": a.seq, "depth": a.depth,
+           "w0_last": a.w0_last, "ln_init": a.ln_init, "out_zero": a.out_zero,
+           "seed": a.seed, "seq": a.seq, "depth": a.depth,
            "eval_depths": eval_depths, "train_depths": lo_hi,
            "mem_depth": cfg.mem_depth, "max_lr": cfg.max_lr, "mem_norm": cfg.mem_norm,
            "task": a.task,
@@ -225,6 +229,7 @@ def main():
     ap.add_argument("--eta-bias", type=float, default=None, help="screen: eta's gate bias at init")
     ap.add_argument("--w0-last", type=float, default=None, help="screen: scale of a deep memory's last W^0")
     ap.add_argument("--ln-init", type=float, default=None, help="screen: the normalised memory's ln_weight at init")
+    ap.add_argument("--out-zero", action="store_true", help="screen: the memory's output projection starts at 0")
     ap.add_argument("--reference", action="store_true", help="train titans-pytorch's MAC instead (calibration)")
     ap.add_argument("--tag", default=None)
     a = ap.parse_args()
