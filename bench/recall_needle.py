@@ -159,6 +159,7 @@ def run(a) -> dict:
            "w0_last": a.w0_last, "ln_init": a.ln_init, "out_zero": a.out_zero,
            "seed": a.seed, "seq": a.seq, "depth": a.depth,
            "eval_depths": eval_depths, "train_depths": lo_hi,
+           "fixed_first": a.fixed_first,
            "mem_depth": cfg.mem_depth, "max_lr": cfg.max_lr, "mem_norm": cfg.mem_norm,
            "task": a.task,
            "chance": 1 / TOKEN_VALUES if a.task == "token" else chance(a.digits), "digits": a.digits,
@@ -174,7 +175,8 @@ def run(a) -> dict:
     out["curve"].append({"step": 0, **first, "wall_s": 0.0})
     for step in range(1, a.steps + 1):
         u = torch.rand(1, generator=depth_rng).item()      # its own generator: fixed-depth runs are as before
-        depth = a.depth if lo_hi is None else lo_hi[0] + (lo_hi[1] - lo_hi[0]) * u
+        fixed = lo_hi is None or step <= a.fixed_first
+        depth = a.depth if fixed else lo_hi[0] + (lo_hi[1] - lo_hi[0]) * u
         x, y, m = batch(step, a.batch, a.seq, a.seed, depth, a.digits, a.task)
         ts = time.perf_counter()
         logits, _ = model(x)
@@ -215,6 +217,8 @@ def main():
     ap.add_argument("--seq", type=int, default=640)
     ap.add_argument("--depth", type=float, default=0.0, help="needle depth in the haystack (0 = ~500 back)")
     ap.add_argument("--train-depths", help="LO,HI: each training batch's needle depth uniform in [LO, HI]")
+    ap.add_argument("--fixed-first", type=int, default=0,
+                    help="with --train-depths: the first N steps train at --depth (a curriculum)")
     ap.add_argument("--eval-depths", help="held-out depths, comma-separated (default --depth); recall is the lowest")
     ap.add_argument("--task", choices=["passkey", "token"], default="passkey",
                     help="passkey: the text needle; token: [MARK, value] in random bytes, chance 1/8")
