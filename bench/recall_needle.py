@@ -61,9 +61,10 @@ def chance(digits: int) -> float:
     return 1 / (9 * 10 ** (digits - 1))           # pass keys 10^(d-1) .. 10^d - 1, uniform
 
 
-def batch(step: int, size: int, seq: int, seed: int, depth: float, digits: int, task: str = "passkey"):
+def batch(step: int, size: int, seq: int, seed: int, depth: float, digits: int, task: str = "passkey",
+          distractors: int = 0):
     if task == "token":
-        return token_needle_batch(size, seq, seed, step=step, depth=depth)
+        return token_needle_batch(size, seq, seed, step=step, depth=depth, distractors=distractors)
     return recall_batch(ByteTokenizer(), size, seq, seed, step=step, task="needle", needle="passkey",
                         digits=digits, depth=depth)
 
@@ -151,7 +152,7 @@ def run(a) -> dict:
         model = TitansLM(cfg)
         regate(model, a.theta_bias, a.eta_bias, a.w0_last, a.ln_init, a.out_zero)
     eval_depths = [float(d) for d in a.eval_depths.split(",")] if a.eval_depths else [a.depth]
-    helds = {d: batch(0, a.eval_samples, a.seq, EVAL_SEED, d, a.digits, a.task) for d in eval_depths}
+    helds = {d: batch(0, a.eval_samples, a.seq, EVAL_SEED, d, a.digits, a.task, a.distractors) for d in eval_depths}
     lo_hi = [float(d) for d in a.train_depths.split(",")] if a.train_depths else None
     depth_rng = torch.Generator().manual_seed(a.seed)
     out = {"layers": "titans-pytorch MAC" if a.reference else cfg.layers, "overrides": a.set,
@@ -161,7 +162,7 @@ def run(a) -> dict:
            "eval_depths": eval_depths, "train_depths": lo_hi,
            "fixed_first": a.fixed_first,
            "mem_depth": cfg.mem_depth, "max_lr": cfg.max_lr, "mem_norm": cfg.mem_norm,
-           "task": a.task,
+           "task": a.task, "distractors": a.distractors,
            "chance": 1 / TOKEN_VALUES if a.task == "token" else chance(a.digits), "digits": a.digits,
            "machine": machine(), "curve": []}
     out["probe_signal"] = float("nan") if a.task == "token" else needle_signal(
@@ -177,7 +178,7 @@ def run(a) -> dict:
         u = torch.rand(1, generator=depth_rng).item()      # its own generator: fixed-depth runs are as before
         fixed = lo_hi is None or step <= a.fixed_first
         depth = a.depth if fixed else lo_hi[0] + (lo_hi[1] - lo_hi[0]) * u
-        x, y, m = batch(step, a.batch, a.seq, a.seed, depth, a.digits, a.task)
+        x, y, m = batch(step, a.batch, a.seq, a.seed, depth, a.digits, a.task, a.distractors)
         ts = time.perf_counter()
         logits, _ = model(x)
         loss = F.cross_entropy(logits[m], y[m])
@@ -222,6 +223,9 @@ def main():
     ap.add_argument("--eval-depths", help="held-out depths, comma-separated (default --depth); recall is the lowest")
     ap.add_argument("--task", choices=["passkey", "token"], default="passkey",
                     help="passkey: the text needle; token: [MARK, value] in random bytes, chance 1/8")
+    ap.add_argument("--distractors", type=int, default=0,
+                    help="token task: this many more value bytes in the haystack, no MARK before them "
+                         "(without them remembering which value appeared is enough)")
     ap.add_argument("--digits", type=int, default=2, help="pass-key digits (1: 9 values, chance 11%%)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--lr", type=float, default=1e-3)

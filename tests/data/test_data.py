@@ -12,7 +12,7 @@ from tests.helpers import bpe_tokenizer
 from titans_scale.data.corpus import embedded_corpus, split_of
 from titans_scale.data.loader import TokenLoader
 from titans_scale.data.shards import open_shards, prepare_corpus
-from titans_scale.data.synthetic import mqar_sample, needle_sample, recall_batch
+from titans_scale.data.synthetic import MARK, TOKEN_VALUES, mqar_sample, needle_sample, recall_batch, token_needle_batch
 from titans_scale.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 from titans_scale.errors import DataError, TitansError
 
@@ -458,3 +458,19 @@ def test_recall_batch():
     assert m4[:, -1].all() and m4.sum(1).tolist() == [6, 6]  # " " + 5 digits, ending the row
     with pytest.raises(DataError, match="task='x' is not known"):
         recall_batch(BYTE, 1, 100, seed=0, task="x")
+
+
+@pytest.mark.parametrize("distractors", [0, 16])
+def test_token_needle_presence_and_distractors(distractors):
+    x, y, m = token_needle_batch(8, 640, 3, step=2, depth=0.3, distractors=distractors)
+    assert m.sum(1).tolist() == [1] * 8 and m[:, -1].all()
+    for row in range(8):
+        marks = (x[row] == MARK).nonzero().flatten().tolist()
+        assert marks == [191, 639] and y[row, 639] == x[row, 192]          # the needle's value is the answer
+        values = (x[row] < TOKEN_VALUES).nonzero().flatten().tolist()
+        assert len(values) == 1 + distractors and 192 in values           # without distractors: presence suffices
+        assert all(x[row, p - 1] != MARK for p in values if p != 192)       # no distractor follows a MARK
+    x0, _, _ = token_needle_batch(8, 640, 3, step=2, depth=0.3)
+    assert distractors or torch.equal(x, x0)
+    with pytest.raises(DataError, match="distractors=637"):
+        token_needle_batch(1, 640, 0, distractors=637)

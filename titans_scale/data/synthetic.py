@@ -269,20 +269,30 @@ def recall_batch(tokenizer: Tokenizer, batch_size: int, seq_len: int, seed: int,
 # The needle as bare tokens (issue 19's "does the memory recall at all" task): a haystack of
 # random bytes HAY_LO..255, the pair [MARK, value] at the needle's depth, and MARK again as the
 # last input, whose target is the value: one of TOKEN_VALUES bytes 0..7 (chance 1/8). No text,
-# no format to learn first: only the association, stored far beyond attention.
+# no format to learn first. Without distractors the value is the only byte below HAY_LO in the
+# row, so remembering which one appeared is enough (presence); `distractors` scatters that many
+# more value bytes, without a MARK before them, so only the association MARK -> value answers.
 MARK, TOKEN_VALUES, HAY_LO = 8, 8, 16
 
 
 def token_needle_batch(batch_size: int, seq_len: int, seed: int, *, step: int = 0,
-                       depth: float = 0.2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       depth: float = 0.2, distractors: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """inputs, targets, loss_mask as recall_batch; only the last position is scored. At depth d the
-    needle's value sits (1 - d) * (seq_len - 3) + 1 tokens before the question."""
+    needle's value sits (1 - d) * (seq_len - 3) + 1 tokens before the question; `distractors`
+    other value bytes sit at random haystack positions (never right after a MARK)."""
     if seq_len < 4 or not 0 <= depth <= 1:
         raise DataError(f"seq_len={seq_len} must be >= 4 and depth={depth} in [0, 1]")
+    if not 0 <= distractors <= seq_len - 4:
+        raise DataError(f"distractors={distractors} must be in [0, seq_len - 4 = {seq_len - 4}]")
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
     toks = torch.randint(HAY_LO, 256, (batch_size, seq_len + 1), generator=g)
     value = torch.randint(0, TOKEN_VALUES, (batch_size,), generator=g)
     at = int(round(depth * (seq_len - 3)))
+    if distractors:       # drawn after the rest: rows without distractors are as before
+        free = torch.tensor([p for p in range(seq_len - 1) if p not in (at, at + 1)])
+        for row in range(batch_size):
+            pos = free[torch.randperm(len(free), generator=g)[:distractors]]
+            toks[row, pos] = torch.randint(0, TOKEN_VALUES, (distractors,), generator=g)
     toks[:, at], toks[:, at + 1], toks[:, seq_len - 1], toks[:, seq_len] = MARK, value, MARK, value
     mask = torch.zeros(batch_size, seq_len, dtype=torch.bool)
     mask[:, seq_len - 1] = True
