@@ -79,8 +79,7 @@ def recall(model, data, bs: int = 16) -> dict:
     mems = [mod for mod in model.modules() if isinstance(mod, NeuralMemory)]
     thetas = []
     hooks = [mem.gates.register_forward_hook(
-        lambda _mod, _args, out, lr=mem.max_lr: thetas.append((lr * torch.sigmoid(out[..., 0::3])).mean().item()))
-        for mem in mems]
+        lambda _mod, _args, out, mem=mem: thetas.append(mem.gates_from(out)[0].mean().item())) for mem in mems]
     try:
         with torch.no_grad():
             for i in range(0, x.shape[0], bs):

@@ -118,9 +118,12 @@ class NeuralMemory(nn.Module):
         return out, cache
 
     def gate_values(self, x: torch.Tensor):
-        g = self.gates(x)
+        return self.gates_from(self.gates(x))
+
+    def gates_from(self, g: torch.Tensor):
+        """(theta, eta, alpha) [B, H, L] each from the gate projection's output g [B, L, H*3]."""
         g = torch.sigmoid(g.to(state_dtype(g)))              # [B, L, H*3], fp32 or wider
-        g = g.view(*x.shape[:2], -1, 3).permute(3, 0, 2, 1)  # [3, B, H, L]
+        g = g.view(*g.shape[:2], -1, 3).permute(3, 0, 2, 1)  # [3, B, H, L]
         return self.max_lr * g[0], g[1], g[2]
 
     def initial_state(self, batch: int, device=None, before: torch.Tensor | None = None) -> MemoryLayerState:
